@@ -1,0 +1,160 @@
+//! Every setting, parsed once at start-up. Each can be given as a flag or as
+//! the environment variable beside it; a flag beats the environment, which
+//! beats the default.
+//!
+//! | flag | environment | default |
+//! |---|---|---|
+//! | `--listen` | `HIGHWATER_LISTEN` | `127.0.0.1:8000` |
+//! | `--database-url` | `HIGHWATER_DATABASE_URL` | `sqlite://highwater.db` |
+//! | `--max-body-bytes` | `HIGHWATER_MAX_BODY_BYTES` | 134217728 (128 MiB) |
+//! | `--max-json-depth` | `HIGHWATER_MAX_JSON_DEPTH` | 128 |
+//! | `--max-streams-per-request` | `HIGHWATER_MAX_STREAMS_PER_REQUEST` | 100000 |
+//! | `--log-level` | `HIGHWATER_LOG_LEVEL` | `info` |
+//! | `--log-format` | `HIGHWATER_LOG_FORMAT` | `text` |
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::api::Limits;
+use crate::state::wire::DecodeLimits;
+use crate::store::DatabaseUrl;
+
+/// How error messages name the body-size setting.
+pub const MAX_BODY_SETTING: &str = "--max-body-bytes / HIGHWATER_MAX_BODY_BYTES";
+/// How error messages name the nesting-depth setting.
+pub const MAX_DEPTH_SETTING: &str = "--max-json-depth / HIGHWATER_MAX_JSON_DEPTH";
+/// How error messages name the streams-per-request setting.
+pub const MAX_STREAMS_SETTING: &str =
+    "--max-streams-per-request / HIGHWATER_MAX_STREAMS_PER_REQUEST";
+
+/// Highwater keeps the connection state of data-integration pipelines
+/// (cursors, CDC offsets, per-stream bookmarks) behind the state endpoints
+/// of the Airbyte Configuration API.
+#[derive(Debug, Parser)]
+#[command(name = "highwater", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the state API over HTTP.
+    Serve(ServeArgs),
+    /// Create or upgrade the database schema, then exit.
+    Migrate(DatabaseArgs),
+}
+
+/// Where the state is kept.
+#[derive(Debug, Args)]
+pub struct DatabaseArgs {
+    /// Database to keep state in: sqlite://PATH (created on first start;
+    /// sqlite:///abs/path for an absolute path).
+    #[arg(
+        long,
+        env = "HIGHWATER_DATABASE_URL",
+        default_value = "sqlite://highwater.db"
+    )]
+    pub database_url: DatabaseUrl,
+}
+
+/// Settings of `highwater serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address and port to listen on.
+    #[arg(long, env = "HIGHWATER_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Largest request body accepted, in bytes; larger bodies get 413.
+    #[arg(long, env = "HIGHWATER_MAX_BODY_BYTES", default_value_t = 128 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..=4 * 1024 * 1024 * 1024))]
+    pub max_body_bytes: u64,
+
+    /// Deepest nesting of JSON arrays and objects in a request, blobs
+    /// included; deeper requests get 422.
+    #[arg(long, env = "HIGHWATER_MAX_JSON_DEPTH", default_value_t = 128,
+          value_parser = clap::value_parser!(u64).range(8..=1024))]
+    pub max_json_depth: u64,
+
+    /// Most stream states one request may carry; more get 422.
+    #[arg(long, env = "HIGHWATER_MAX_STREAMS_PER_REQUEST", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_streams_per_request: u64,
+}
+
+impl ServeArgs {
+    /// The request limits these settings describe.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_body_bytes: usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
+            decode: DecodeLimits {
+                max_depth: self.max_json_depth as usize,
+                max_streams: self.max_streams_per_request as usize,
+            },
+        }
+    }
+}
+
+/// Logging settings, accepted before or after the subcommand.
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing
+    /// directives such as "info,highwater=debug".
+    #[arg(
+        long,
+        env = "HIGHWATER_LOG_LEVEL",
+        default_value = "info",
+        global = true
+    )]
+    pub log_level: String,
+
+    /// Log line format: human-readable text or one JSON object per line.
+    #[arg(long, env = "HIGHWATER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// The log line formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_needs_no_settings() {
+        let cli = Cli::try_parse_from(["highwater", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("expected serve");
+        };
+        assert_eq!(args.listen.to_string(), "127.0.0.1:8000");
+        assert_eq!(
+            args.database.database_url,
+            DatabaseUrl::Sqlite("highwater.db".into())
+        );
+        assert_eq!(args.limits().decode.max_depth, 128);
+    }
+
+    #[test]
+    fn a_bad_database_url_names_the_setting() {
+        let err =
+            Cli::try_parse_from(["highwater", "serve", "--database-url", "mysql://x"]).unwrap_err();
+        assert!(err.to_string().contains("--database-url"), "{err}");
+    }
+}

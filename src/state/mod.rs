@@ -1,0 +1,300 @@
+//! The connection-state domain: identifiers, entries, blobs and the type and
+//! merge rules of STATE-API.md §4.
+//!
+//! Owns what a state *is* and how a write changes it. It knows nothing of
+//! HTTP (see `api`) or SQL (see `store`): the wire format lives in [`wire`],
+//! and a store applies the [`EntryOp`]s that [`plan_write`] returns.
+
+pub mod blob;
+pub mod wire;
+
+use std::fmt;
+
+use uuid::Uuid;
+
+pub use blob::Blob;
+
+/// A connection's identifier: any UUID names a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionId(Uuid);
+
+impl ConnectionId {
+    /// Parses the canonical 36-character form, hex digits of either case.
+    pub fn parse(text: &str) -> Option<Self> {
+        if text.len() != 36 {
+            return None;
+        }
+        Uuid::try_parse(text).ok().map(Self)
+    }
+
+    /// A random identifier, for tests and tools.
+    pub fn random() -> Self {
+        Self(Uuid::new_v4())
+    }
+}
+
+impl fmt::Display for ConnectionId {
+    /// Always the lower-case hyphenated form, as responses require.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+/// The type of a stored state. A connection with no entries has none
+/// (`not_set` on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StateType {
+    Legacy,
+    Global,
+    Stream,
+}
+
+impl StateType {
+    /// The wire and storage spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Legacy => "legacy",
+            Self::Global => "global",
+            Self::Stream => "stream",
+        }
+    }
+
+    /// The inverse of [`StateType::as_str`].
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "legacy" => Some(Self::Legacy),
+            "global" => Some(Self::Global),
+            "stream" => Some(Self::Stream),
+            _ => None,
+        }
+    }
+}
+
+/// Spells an optional type the way the API does: `None` is `not_set`.
+pub fn type_name(state_type: Option<StateType>) -> &'static str {
+    state_type.map_or("not_set", StateType::as_str)
+}
+
+/// Names a stream: a name and an optional namespace. An absent namespace
+/// and an empty one are different streams.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamDescriptor {
+    pub name: String,
+    pub namespace: Option<String>,
+}
+
+/// The key of one entry of a state.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EntryKey {
+    /// The one blob of a legacy state.
+    Legacy,
+    /// The shared blob of a global state.
+    Shared,
+    /// One stream's blob, in a stream or a global state.
+    Stream(StreamDescriptor),
+}
+
+const STREAM_KEY_PREFIX: &str = "stream:";
+
+impl EntryKey {
+    /// A stable text form, unique per key, used as the storage key.
+    pub fn encode(&self) -> String {
+        match self {
+            Self::Legacy => "legacy".to_owned(),
+            Self::Shared => "shared".to_owned(),
+            Self::Stream(d) => {
+                let pair = (&d.name, &d.namespace);
+                // Serialising a pair of strings cannot fail.
+                let json = serde_json::to_string(&pair).unwrap_or_default();
+                format!("{STREAM_KEY_PREFIX}{json}")
+            }
+        }
+    }
+
+    /// The inverse of [`EntryKey::encode`]; `None` for text it never produced.
+    pub fn decode(text: &str) -> Option<Self> {
+        match text {
+            "legacy" => Some(Self::Legacy),
+            "shared" => Some(Self::Shared),
+            _ => {
+                let json = text.strip_prefix(STREAM_KEY_PREFIX)?;
+                let (name, namespace) = serde_json::from_str(json).ok()?;
+                Some(Self::Stream(StreamDescriptor { name, namespace }))
+            }
+        }
+    }
+}
+
+/// One change a write asks for: `Some` upserts the blob, `None` deletes the
+/// entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntryOp {
+    pub key: EntryKey,
+    pub blob: Option<Blob>,
+}
+
+/// A validated `create_or_update`: the incoming type and one op per key
+/// mentioned (keys are unique, in request order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateWrite {
+    pub state_type: StateType,
+    pub ops: Vec<EntryOp>,
+}
+
+/// A connection's state as stored: its type, its revision (0 before the
+/// first write) and its entries in first-insertion order.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StoredState {
+    pub state_type: Option<StateType>,
+    pub revision: u64,
+    pub entries: Vec<(EntryKey, Blob)>,
+}
+
+/// Why a write was refused by the type rules (STATE-API.md §4.1).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "cannot write a {incoming} state: the connection holds a {stored} state. \
+     A connection's state type can only change after its state is reset: \
+     delete its entries with a {stored} write, then write the {incoming} state"
+)]
+pub struct TypeConflict {
+    pub stored: &'static str,
+    pub incoming: &'static str,
+}
+
+/// Applies the type rules to a write against the stored type and returns
+/// the entry ops to apply, in order.
+///
+/// A legacy state gives way to any other type: its entry is deleted before
+/// the new entries are written. Global and stream states only accept writes
+/// of their own type.
+pub fn plan_write(
+    stored: Option<StateType>,
+    write: &StateWrite,
+) -> Result<Vec<EntryOp>, TypeConflict> {
+    use StateType::*;
+    let replaces_legacy = match (stored, write.state_type) {
+        (None, _) | (Some(Legacy), Legacy) | (Some(Global), Global) | (Some(Stream), Stream) => {
+            false
+        }
+        (Some(Legacy), Global | Stream) => true,
+        (Some(stored), incoming) => {
+            return Err(TypeConflict {
+                stored: stored.as_str(),
+                incoming: incoming.as_str(),
+            })
+        }
+    };
+    let mut ops = Vec::with_capacity(write.ops.len() + usize::from(replaces_legacy));
+    if replaces_legacy {
+        ops.push(EntryOp {
+            key: EntryKey::Legacy,
+            blob: None,
+        });
+    }
+    ops.extend(write.ops.iter().cloned());
+    Ok(ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(name: &str, namespace: Option<&str>) -> EntryKey {
+        EntryKey::Stream(StreamDescriptor {
+            name: name.to_owned(),
+            namespace: namespace.map(str::to_owned),
+        })
+    }
+
+    fn write(state_type: StateType) -> StateWrite {
+        StateWrite {
+            state_type,
+            ops: vec![EntryOp {
+                key: stream("a", None),
+                blob: Some(Blob::from_json("1")),
+            }],
+        }
+    }
+
+    #[test]
+    fn entry_keys_round_trip_through_their_text_form() {
+        let keys = [
+            EntryKey::Legacy,
+            EntryKey::Shared,
+            stream("users", None),
+            stream("users", Some("")),
+            stream("we\"ird\u{0}", Some("ns:1")),
+        ];
+        for key in keys {
+            assert_eq!(EntryKey::decode(&key.encode()), Some(key));
+        }
+    }
+
+    #[test]
+    fn absent_and_empty_namespaces_are_different_keys() {
+        assert_ne!(stream("a", None).encode(), stream("a", Some("")).encode());
+    }
+
+    #[test]
+    fn foreign_key_text_does_not_decode() {
+        assert_eq!(EntryKey::decode("stream:nonsense"), None);
+        assert_eq!(EntryKey::decode("other"), None);
+    }
+
+    #[test]
+    fn connection_ids_parse_either_case_and_print_lower_case() {
+        let id = ConnectionId::parse("5B9A7C1E-0F6A-4E1D-9C11-3F0B8D2A4E77").unwrap();
+        assert_eq!(id.to_string(), "5b9a7c1e-0f6a-4e1d-9c11-3f0b8d2a4e77");
+    }
+
+    #[test]
+    fn connection_ids_must_be_in_canonical_form() {
+        assert!(ConnectionId::parse("5b9a7c1e0f6a4e1d9c113f0b8d2a4e77").is_none());
+        assert!(ConnectionId::parse("{5b9a7c1e-0f6a-4e1d-9c11-3f0b8d2a4e77}").is_none());
+        assert!(ConnectionId::parse("5b9a7c1e-0f6a-4e1d-9c11-3f0b8d2a4e7g").is_none());
+    }
+
+    #[test]
+    fn any_type_may_be_written_over_no_state() {
+        for t in [StateType::Legacy, StateType::Global, StateType::Stream] {
+            assert_eq!(plan_write(None, &write(t)).unwrap(), write(t).ops);
+        }
+    }
+
+    #[test]
+    fn a_legacy_state_is_deleted_before_another_type_is_written() {
+        let ops = plan_write(Some(StateType::Legacy), &write(StateType::Global)).unwrap();
+        assert_eq!(
+            ops[0],
+            EntryOp {
+                key: EntryKey::Legacy,
+                blob: None
+            }
+        );
+        assert_eq!(&ops[1..], &write(StateType::Global).ops[..]);
+    }
+
+    #[test]
+    fn global_and_stream_states_refuse_other_types() {
+        use StateType::*;
+        for (stored, incoming) in [
+            (Global, Legacy),
+            (Global, Stream),
+            (Stream, Legacy),
+            (Stream, Global),
+        ] {
+            let err = plan_write(Some(stored), &write(incoming)).unwrap_err();
+            assert_eq!(err.stored, stored.as_str());
+            assert_eq!(err.incoming, incoming.as_str());
+        }
+    }
+
+    #[test]
+    fn same_type_writes_merge() {
+        use StateType::*;
+        for t in [Legacy, Global, Stream] {
+            assert_eq!(plan_write(Some(t), &write(t)).unwrap(), write(t).ops);
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! The JSON wire format of STATE-API.md §2: decoding requests into domain
+//! values and rendering states back.
+//!
+//! Decoding never builds a tree of a blob: each level of the envelope is read
+//! as a list of members whose values stay raw text, so blobs pass through
+//! byte for byte. Every schema problem becomes a [`FieldError`] whose path
+//! uses Airbyte's notation (`connectionState.streamState[1].streamDescriptor.name`).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use super::{
+    Blob, ConnectionId, EntryKey, EntryOp, StateType, StateWrite, StoredState, StreamDescriptor,
+};
+
+/// Limits applied while decoding a request.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeLimits {
+    /// Deepest nesting of arrays and objects allowed, blobs included.
+    pub max_depth: usize,
+    /// Most stream items one request may carry.
+    pub max_streams: usize,
+}
+
+/// Why a request body was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    /// Not JSON at all (STATE-API.md §4.3: 400).
+    #[error("the request body is not valid JSON: {0}")]
+    Syntax(String),
+    /// Nested deeper than the limit allows (422).
+    #[error("the request body nests deeper than {limit} levels")]
+    TooDeep { limit: usize },
+    /// More stream items than the limit allows (422).
+    #[error("the request carries {count} streams, more than the limit of {limit}")]
+    TooManyStreams { count: usize, limit: usize },
+    /// Well-formed JSON that breaks the schema (422).
+    #[error("the request body is invalid: {}", .0.first().map(ToString::to_string).unwrap_or_default())]
+    Invalid(Vec<FieldError>),
+}
+
+/// One schema violation, as Airbyte's `InvalidInputProperty`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub property_path: String,
+    pub invalid_value: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.property_path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.property_path, self.message)
+        }
+    }
+}
+
+/// Decodes a `ConnectionIdRequestBody`.
+pub fn decode_connection_id_request(
+    body: &[u8],
+    limits: DecodeLimits,
+) -> Result<ConnectionId, DecodeError> {
+    let top = decode_top(body, limits)?;
+    let mut errors = Errors::default();
+    let id = top.and_then(|top| connection_id(&top, &mut errors));
+    errors.finish(id)
+}
+
+/// Decodes a `ConnectionStateCreateOrUpdate`.
+pub fn decode_create_or_update(
+    body: &[u8],
+    limits: DecodeLimits,
+) -> Result<(ConnectionId, StateWrite), DecodeError> {
+    let top = decode_top(body, limits)?;
+    let mut errors = Errors::default();
+    let Some(top) = top else {
+        return errors.finish(None);
+    };
+    let id = connection_id(&top, &mut errors);
+    let write = match top.get("connectionState") {
+        None => {
+            errors.push("connectionState", None, "is required");
+            None
+        }
+        Some(raw) => object(raw, "connectionState", &mut errors)
+            .and_then(|state| state_write(&state, limits, &mut errors).transpose())
+            .transpose()?,
+    };
+    errors.finish(id.zip(write))
+}
+
+/// Checks the body is UTF-8 JSON within the depth limit, and reads the top
+/// object. `Ok(None)` means a schema error was already recorded.
+fn decode_top(body: &[u8], limits: DecodeLimits) -> Result<Option<Object<'_>>, DecodeError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| DecodeError::Syntax(format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
+    if nesting_exceeds(text.as_bytes(), limits.max_depth) {
+        return Err(DecodeError::TooDeep {
+            limit: limits.max_depth,
+        });
+    }
+    if text.trim_start().starts_with('{') {
+        let members: Members<'_> = parse(text).map_err(|e| DecodeError::Syntax(e.to_string()))?;
+        let mut errors = Errors::default();
+        let top = Object::new(members, "", &mut errors);
+        return errors.finish(Some(top)).map(Some);
+    }
+    let raw: &RawValue = parse(text).map_err(|e| DecodeError::Syntax(e.to_string()))?;
+    Err(DecodeError::Invalid(vec![FieldError {
+        property_path: String::new(),
+        invalid_value: Some(shown(raw)),
+        message: "the request body must be a JSON object".to_owned(),
+    }]))
+}
+
+fn connection_id(top: &Object<'_>, errors: &mut Errors) -> Option<ConnectionId> {
+    let Some(raw) = top.get("connectionId") else {
+        errors.push("connectionId", None, "is required");
+        return None;
+    };
+    let id = string(raw).as_deref().and_then(ConnectionId::parse);
+    if id.is_none() {
+        errors.push(
+            "connectionId",
+            Some(raw),
+            "must be a UUID in its 36-character form",
+        );
+    }
+    id
+}
+
+fn state_write(
+    state: &Object<'_>,
+    limits: DecodeLimits,
+    errors: &mut Errors,
+) -> Result<Option<StateWrite>, DecodeError> {
+    const PATH: &str = "connectionState.stateType";
+    let state_type = match state.get("stateType") {
+        None => {
+            errors.push(PATH, None, "is required");
+            return Ok(None);
+        }
+        Some(raw) => match string(raw).as_deref() {
+            Some("not_set") => {
+                errors.push(
+                    PATH,
+                    Some(raw),
+                    "not_set cannot be written; to clear a state, delete its entries with a write of its own type",
+                );
+                return Ok(None);
+            }
+            name => match name.and_then(StateType::parse) {
+                Some(state_type) => state_type,
+                None => {
+                    errors.push(
+                        PATH,
+                        Some(raw),
+                        "must be one of legacy, global, stream, not_set",
+                    );
+                    return Ok(None);
+                }
+            },
+        },
+    };
+    let mut streams = StreamItems::new(limits);
+    let ops = match state_type {
+        StateType::Legacy => vec![EntryOp {
+            key: EntryKey::Legacy,
+            blob: state.get("state").map(blob),
+        }],
+        StateType::Stream => {
+            let path = "connectionState.streamState";
+            streams.read(state.get("streamState"), path, errors)?;
+            streams.ops
+        }
+        StateType::Global => global_ops(state, &mut streams, errors)?,
+    };
+    Ok(Some(StateWrite { state_type, ops }))
+}
+
+fn global_ops(
+    state: &Object<'_>,
+    streams: &mut StreamItems,
+    errors: &mut Errors,
+) -> Result<Vec<EntryOp>, DecodeError> {
+    const PATH: &str = "connectionState.globalState";
+    let Some(raw) = state.get("globalState") else {
+        errors.push(PATH, None, "is required for a global state");
+        return Ok(Vec::new());
+    };
+    let Some(global) = object(raw, PATH, errors) else {
+        return Ok(Vec::new());
+    };
+    let shared = match (global.get("shared_state"), global.get("sharedState")) {
+        (Some(_), Some(alias)) => {
+            let path = "connectionState.globalState.sharedState";
+            errors.push(
+                path,
+                Some(alias),
+                "must not be sent together with shared_state",
+            );
+            None
+        }
+        (snake, camel) => snake.or(camel).map(blob),
+    };
+    let mut ops = vec![EntryOp {
+        key: EntryKey::Shared,
+        blob: shared,
+    }];
+    let path = "connectionState.globalState.streamStates";
+    streams.read(global.get("streamStates"), path, errors)?;
+    ops.append(&mut streams.ops);
+    Ok(ops)
+}
+
+/// Collects stream items, refusing a stream named twice.
+struct StreamItems {
+    limits: DecodeLimits,
+    ops: Vec<EntryOp>,
+    seen: HashMap<EntryKey, String>,
+}
+
+impl StreamItems {
+    fn new(limits: DecodeLimits) -> Self {
+        Self {
+            limits,
+            ops: Vec::new(),
+            seen: HashMap::new(),
+        }
+    }
+
+    fn read(
+        &mut self,
+        raw: Option<&RawValue>,
+        path: &str,
+        errors: &mut Errors,
+    ) -> Result<(), DecodeError> {
+        let Some(raw) = raw.filter(|raw| !is_null(raw)) else {
+            return Ok(());
+        };
+        let Some(items) = array(raw, path, errors) else {
+            return Ok(());
+        };
+        if items.len() > self.limits.max_streams {
+            return Err(DecodeError::TooManyStreams {
+                count: items.len(),
+                limit: self.limits.max_streams,
+            });
+        }
+        self.ops.reserve(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let item_path = format!("{path}[{i}]");
+            let Some(item) = object(item, &item_path, errors) else {
+                continue;
+            };
+            let descriptor_path = format!("{item_path}.streamDescriptor");
+            let Some(descriptor) =
+                descriptor(item.get("streamDescriptor"), &descriptor_path, errors)
+            else {
+                continue;
+            };
+            let key = EntryKey::Stream(descriptor);
+            if let Some(first) = self.seen.get(&key) {
+                let message = format!("names the same stream as {first}");
+                errors.push(&descriptor_path, item.get("streamDescriptor"), &message);
+                continue;
+            }
+            self.seen.insert(key.clone(), descriptor_path);
+            let blob = item.get("streamState").map(blob);
+            self.ops.push(EntryOp { key, blob });
+        }
+        Ok(())
+    }
+}
+
+fn descriptor(raw: Option<&RawValue>, path: &str, errors: &mut Errors) -> Option<StreamDescriptor> {
+    let Some(raw) = raw else {
+        errors.push(path, None, "is required");
+        return None;
+    };
+    let descriptor = object(raw, path, errors)?;
+    let name_path = format!("{path}.name");
+    let name = match descriptor.get("name") {
+        None => {
+            errors.push(&name_path, None, "is required");
+            None
+        }
+        Some(raw) => {
+            let name = string(raw);
+            if name.is_none() {
+                errors.push(&name_path, Some(raw), "must be a string");
+            }
+            name
+        }
+    };
+    let namespace = match descriptor.get("namespace").filter(|raw| !is_null(raw)) {
+        None => Some(None),
+        Some(raw) => {
+            let namespace = string(raw);
+            if namespace.is_none() {
+                errors.push(&format!("{path}.namespace"), Some(raw), "must be a string");
+            }
+            namespace.map(Some)
+        }
+    };
+    Some(StreamDescriptor {
+        name: name?,
+        namespace: namespace?,
+    })
+}
+
+/// Renders a state as Airbyte's `ConnectionState`, fields in the order of
+/// STATE-API.md §2, absent fields left out.
+pub fn render_state(id: ConnectionId, state: &StoredState) -> Vec<u8> {
+    let blob_bytes: usize = state.entries.iter().map(|(_, b)| b.len() + 64).sum();
+    let mut out = Vec::with_capacity(96 + blob_bytes);
+    out.extend_from_slice(b"{\"stateType\":\"");
+    out.extend_from_slice(super::type_name(state.state_type).as_bytes());
+    out.extend_from_slice(b"\",\"connectionId\":\"");
+    out.extend_from_slice(id.to_string().as_bytes());
+    out.push(b'"');
+    match state.state_type {
+        None => {}
+        Some(StateType::Legacy) => {
+            if let Some((_, blob)) = state.entries.iter().find(|(k, _)| *k == EntryKey::Legacy) {
+                out.extend_from_slice(b",\"state\":");
+                out.extend_from_slice(blob.as_str().as_bytes());
+            }
+        }
+        Some(StateType::Stream) => {
+            out.extend_from_slice(b",\"streamState\":");
+            render_streams(&mut out, state);
+        }
+        Some(StateType::Global) => {
+            out.extend_from_slice(b",\"globalState\":{");
+            if let Some((_, blob)) = state.entries.iter().find(|(k, _)| *k == EntryKey::Shared) {
+                out.extend_from_slice(b"\"shared_state\":");
+                out.extend_from_slice(blob.as_str().as_bytes());
+                out.push(b',');
+            }
+            out.extend_from_slice(b"\"streamStates\":");
+            render_streams(&mut out, state);
+            out.push(b'}');
+        }
+    }
+    out.push(b'}');
+    out
+}
+
+fn render_streams(out: &mut Vec<u8>, state: &StoredState) {
+    out.push(b'[');
+    let streams = state.entries.iter().filter_map(|(key, blob)| match key {
+        EntryKey::Stream(d) => Some((d, blob)),
+        _ => None,
+    });
+    for (i, (descriptor, blob)) in streams.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"streamDescriptor\":{\"name\":");
+        write_json_string(out, &descriptor.name);
+        if let Some(namespace) = &descriptor.namespace {
+            out.extend_from_slice(b",\"namespace\":");
+            write_json_string(out, namespace);
+        }
+        out.extend_from_slice(b"},\"streamState\":");
+        out.extend_from_slice(blob.as_str().as_bytes());
+        out.push(b'}');
+    }
+    out.push(b']');
+}
+
+/// Renders a state type as the bare JSON string `get_type` answers.
+pub fn render_type(state_type: Option<StateType>) -> Vec<u8> {
+    format!("\"{}\"", super::type_name(state_type)).into_bytes()
+}
+
+fn write_json_string(out: &mut Vec<u8>, text: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, text);
+}
+
+/// Whether any array or object nests deeper than `limit`, found by one pass
+/// over the bytes before anything recursive sees them.
+fn nesting_exceeds(bytes: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Parses a whole text; the depth was bounded by [`nesting_exceeds`], so
+/// serde_json's own recursion limit would only get in the way of a
+/// configured depth above its default.
+fn parse<'a, T: Deserialize<'a>>(text: &'a str) -> serde_json::Result<T> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.disable_recursion_limit();
+    let value = T::deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
+fn blob(raw: &RawValue) -> Blob {
+    Blob::from_json(raw.get())
+}
+
+fn is_null(raw: &RawValue) -> bool {
+    raw.get() == "null"
+}
+
+fn string(raw: &RawValue) -> Option<String> {
+    if raw.get().starts_with('"') {
+        parse(raw.get()).ok()
+    } else {
+        None
+    }
+}
+
+fn array<'a>(raw: &'a RawValue, path: &str, errors: &mut Errors) -> Option<Vec<&'a RawValue>> {
+    if !raw.get().starts_with('[') {
+        errors.push(path, Some(raw), "must be an array");
+        return None;
+    }
+    parse(raw.get()).ok()
+}
+
+fn object<'a>(raw: &'a RawValue, path: &str, errors: &mut Errors) -> Option<Object<'a>> {
+    if !raw.get().starts_with('{') {
+        errors.push(path, Some(raw), "must be an object");
+        return None;
+    }
+    let members = parse(raw.get()).ok()?;
+    Some(Object::new(members, path, errors))
+}
+
+/// How a refused value is echoed in `invalidValue`: strings as their text,
+/// anything else as JSON, cut to a readable length.
+fn shown(raw: &RawValue) -> String {
+    const MAX_CHARS: usize = 200;
+    let text = string(raw).unwrap_or_else(|| raw.get().to_owned());
+    match text.char_indices().nth(MAX_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
+/// An object of the envelope: its members in order, values still raw.
+struct Object<'a> {
+    members: Vec<(String, &'a RawValue)>,
+}
+
+impl<'a> Object<'a> {
+    /// Wraps the members, recording an error for each repeated name.
+    fn new(members: Members<'a>, path: &str, errors: &mut Errors) -> Self {
+        let mut seen = HashSet::with_capacity(members.0.len());
+        for (name, _) in &members.0 {
+            if !seen.insert(name.as_str()) {
+                let member_path = if path.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{path}.{name}")
+                };
+                errors.push(&member_path, None, "appears more than once");
+            }
+        }
+        Self { members: members.0 }
+    }
+
+    fn get(&self, name: &str) -> Option<&'a RawValue> {
+        self.members
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+    }
+}
+
+/// A JSON object read as an ordered list of members with raw values.
+struct Members<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MembersVisitor;
+        impl<'de> Visitor<'de> for MembersVisitor {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    members.push((name, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(MembersVisitor)
+    }
+}
+
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, path: &str, value: Option<&RawValue>, message: &str) {
+        self.0.push(FieldError {
+            property_path: path.to_owned(),
+            invalid_value: value.map(shown),
+            message: message.to_owned(),
+        });
+    }
+
+    /// The value when no error was recorded; otherwise all the errors.
+    fn finish<T>(self, value: Option<T>) -> Result<T, DecodeError> {
+        match value {
+            Some(value) if self.0.is_empty() => Ok(value),
+            _ => Err(DecodeError::Invalid(self.0)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

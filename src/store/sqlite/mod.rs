@@ -1,0 +1,208 @@
+//! The embedded backend: one SQLite file in WAL mode.
+//!
+//! One thread owns the only writing connection and commits writes in
+//! groups: it takes every write waiting in its queue, applies each inside
+//! its own savepoint (a refused write rolls back alone), commits once, and
+//! only then answers each of them. Concurrent writers so share one fsync
+//! without any of them being acknowledged before it is durable. Reads run on
+//! a small pool of read-only connections and never wait for the writer.
+
+mod queries;
+mod schema;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, ErrorCode, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+pub use schema::OpenError;
+
+use super::{Store, StoreError};
+use crate::state::{ConnectionId, StateWrite, StoredState};
+
+/// How many writes one commit may carry.
+const MAX_GROUP: usize = 256;
+/// Writes that may wait for the writer before senders are made to wait.
+const QUEUE_DEPTH: usize = 4096;
+/// Read-only connections kept open.
+const READERS: usize = 4;
+
+type Reply = oneshot::Sender<Result<StoredState, StoreError>>;
+
+struct WriteJob {
+    id: ConnectionId,
+    write: StateWrite,
+    reply: Reply,
+}
+
+/// A [`Store`] on one SQLite file.
+pub struct SqliteStore {
+    path: PathBuf,
+    writes: mpsc::Sender<WriteJob>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    read_permits: Semaphore,
+}
+
+impl SqliteStore {
+    /// Opens the file, creating and migrating it when needed, and starts the
+    /// writer thread. Blocks; call it off the async runtime.
+    pub fn open(path: &Path) -> Result<Self, OpenError> {
+        let writer = schema::open_writer(path)?;
+        let readers = (0..READERS)
+            .map(|_| schema::open_reader(path))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| OpenError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let (writes, queue) = mpsc::channel(QUEUE_DEPTH);
+        thread::Builder::new()
+            .name("highwater-sqlite-writer".to_owned())
+            .spawn(move || write_loop(writer, queue))
+            .map_err(OpenError::Thread)?;
+        Ok(Self {
+            path: path.to_owned(),
+            writes,
+            readers: Arc::new(Mutex::new(readers)),
+            read_permits: Semaphore::new(READERS),
+        })
+    }
+
+    /// Runs `f` on a pooled read-only connection, inside one read
+    /// transaction so it sees a single committed snapshot.
+    async fn with_reader<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let _permit = self
+            .read_permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is shutting down".to_owned()))?;
+        let pooled = self.readers.lock().map_err(|_| poisoned())?.pop();
+        let conn = match pooled {
+            Some(conn) => conn,
+            // A reader is lost only if a read panicked; replace it.
+            None => schema::open_reader(&self.path).map_err(classify)?,
+        };
+        let (conn, result) = tokio::task::spawn_blocking(move || {
+            let mut conn = conn;
+            let result = conn
+                .transaction_with_behavior(TransactionBehavior::Deferred)
+                .map_err(classify)
+                .and_then(|tx| f(&tx));
+            (conn, result)
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("read task failed: {e}")))?;
+        self.readers.lock().map_err(|_| poisoned())?.push(conn);
+        result
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn read(&self, id: ConnectionId) -> Result<StoredState, StoreError> {
+        self.with_reader(move |conn| queries::read_state(conn, id))
+            .await
+    }
+
+    async fn write(&self, id: ConnectionId, write: StateWrite) -> Result<StoredState, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || StoreError::Unavailable("the SQLite writer has stopped".to_owned());
+        self.writes
+            .send(WriteJob { id, write, reply })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        if self.writes.is_closed() {
+            return Err(StoreError::Unavailable(
+                "the SQLite writer has stopped".to_owned(),
+            ));
+        }
+        self.with_reader(|conn| {
+            conn.query_row("SELECT count(*) FROM connections", [], |_| Ok(()))
+                .map_err(classify)
+        })
+        .await
+    }
+}
+
+/// The writer thread: commits queued writes in groups until every sender
+/// is gone.
+fn write_loop(mut conn: Connection, mut queue: mpsc::Receiver<WriteJob>) {
+    while let Some(first) = queue.blocking_recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        commit_group(&mut conn, group);
+    }
+}
+
+fn commit_group(conn: &mut Connection, group: Vec<WriteJob>) {
+    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            let error = classify(e);
+            for job in group {
+                let _ = job.reply.send(Err(error.clone()));
+            }
+            return;
+        }
+    };
+    let mut answers: Vec<(Reply, Result<StoredState, StoreError>)> =
+        Vec::with_capacity(group.len());
+    for job in group {
+        let result = tx.savepoint().map_err(classify).and_then(|savepoint| {
+            let state = queries::apply_write(&savepoint, job.id, &job.write)?;
+            savepoint.commit().map_err(classify)?;
+            Ok(state)
+        });
+        answers.push((job.reply, result));
+    }
+    // Nothing is acknowledged before the commit (and its fsync) returns.
+    let committed = tx.commit().map_err(classify);
+    for (reply, result) in answers {
+        let result = match (&committed, result) {
+            (Err(error), Ok(_)) => Err(error.clone()),
+            (_, result) => result,
+        };
+        // A client that went away no longer waits for its answer.
+        let _ = reply.send(result);
+    }
+}
+
+/// Classifies a SQLite error once, for every caller.
+fn classify(error: rusqlite::Error) -> StoreError {
+    let code = match &error {
+        rusqlite::Error::SqliteFailure(failure, _) => Some(failure.code),
+        _ => None,
+    };
+    match code {
+        Some(ErrorCode::DiskFull) => StoreError::Full(error.to_string()),
+        Some(
+            ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::ReadOnly
+            | ErrorCode::CannotOpen
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::PermissionDenied,
+        ) => StoreError::Unavailable(error.to_string()),
+        _ => StoreError::Internal(error.to_string()),
+    }
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Internal("the SQLite reader pool lock is poisoned".to_owned())
+}
