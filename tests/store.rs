@@ -1,0 +1,130 @@
+//! The store contract: what every backend must do, run on each backend
+//! (SQLite today) through the `Store` trait alone.
+
+use std::sync::Arc;
+
+use highwater::state::{
+    Blob, ConnectionId, EntryKey, EntryOp, StateType, StateWrite, StreamDescriptor,
+};
+use highwater::store::{self, DatabaseUrl, Store, StoreError};
+
+struct Backend {
+    store: Arc<dyn Store>,
+    _dir: tempfile::TempDir,
+}
+
+async fn sqlite() -> Backend {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = DatabaseUrl::Sqlite(dir.path().join("contract.db"));
+    let store = store::open(&url).await.expect("open sqlite");
+    Backend { store, _dir: dir }
+}
+
+fn stream(name: &str, blob: Option<&str>) -> EntryOp {
+    EntryOp {
+        key: EntryKey::Stream(StreamDescriptor {
+            name: name.to_owned(),
+            namespace: None,
+        }),
+        blob: blob.map(Blob::from_json),
+    }
+}
+
+fn write(state_type: StateType, ops: Vec<EntryOp>) -> StateWrite {
+    StateWrite { state_type, ops }
+}
+
+#[tokio::test]
+async fn revisions_count_changing_writes_without_gaps() {
+    let backend = sqlite().await;
+    let store = &backend.store;
+    let id = ConnectionId::random();
+    assert_eq!(store.read(id).await.unwrap().revision, 0);
+
+    let first = store
+        .write(id, write(StateType::Stream, vec![stream("a", Some("1"))]))
+        .await
+        .unwrap();
+    assert_eq!(first.revision, 1);
+    // The same blob again changes nothing and takes no revision.
+    let same = store
+        .write(id, write(StateType::Stream, vec![stream("a", Some("1"))]))
+        .await
+        .unwrap();
+    assert_eq!(same.revision, 1);
+    // A refused write takes no revision either.
+    let refused = store.write(id, write(StateType::Legacy, vec![])).await;
+    assert!(matches!(refused, Err(StoreError::TypeConflict(_))));
+    // Deleting an absent stream is no change.
+    let absent = store
+        .write(id, write(StateType::Stream, vec![stream("zz", None)]))
+        .await
+        .unwrap();
+    assert_eq!(absent.revision, 1);
+    let second = store
+        .write(
+            id,
+            write(
+                StateType::Stream,
+                vec![stream("a", None), stream("b", Some("2"))],
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(second.revision, 2);
+    assert_eq!(second.entries.len(), 1);
+    assert_eq!(store.read(id).await.unwrap(), second);
+}
+
+#[tokio::test]
+async fn connections_are_independent() {
+    let backend = sqlite().await;
+    let store = &backend.store;
+    let (a, b) = (ConnectionId::random(), ConnectionId::random());
+    store
+        .write(a, write(StateType::Stream, vec![stream("s", Some("1"))]))
+        .await
+        .unwrap();
+    let other = store
+        .write(b, write(StateType::Legacy, vec![]))
+        .await
+        .unwrap();
+    assert_eq!(other.revision, 0);
+    assert_eq!(other.state_type, None);
+    assert_eq!(
+        store.read(a).await.unwrap().state_type,
+        Some(StateType::Stream)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_to_one_connection_get_distinct_consecutive_revisions() {
+    let backend = sqlite().await;
+    let store = backend.store.clone();
+    let id = ConnectionId::random();
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let name = format!("s{i}");
+                store
+                    .write(id, write(StateType::Stream, vec![stream(&name, Some("1"))]))
+                    .await
+                    .map(|state| state.revision)
+            })
+        })
+        .collect();
+    let mut revisions = Vec::new();
+    for task in tasks {
+        revisions.push(task.await.unwrap().unwrap());
+    }
+    revisions.sort_unstable();
+    assert_eq!(revisions, (1..=64).collect::<Vec<u64>>());
+    assert_eq!(store.read(id).await.unwrap().entries.len(), 64);
+}
+
+#[tokio::test]
+async fn ping_answers_when_the_store_is_open() {
+    let backend = sqlite().await;
+    backend.store.ping().await.unwrap();
+}
