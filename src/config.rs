@@ -6,6 +6,9 @@
 //! |---|---|---|
 //! | `--listen` | `HIGHWATER_LISTEN` | `127.0.0.1:8000` |
 //! | `--database-url` | `HIGHWATER_DATABASE_URL` | `sqlite://highwater.db` |
+//! | `--database-pool-size` | `HIGHWATER_DATABASE_POOL_SIZE` | 16 |
+//! | `--database-timeout-ms` | `HIGHWATER_DATABASE_TIMEOUT_MS` | 3000 |
+//! | `--migrate` | `HIGHWATER_MIGRATE` | `true` |
 //! | `--max-body-bytes` | `HIGHWATER_MAX_BODY_BYTES` | 134217728 (128 MiB) |
 //! | `--max-json-depth` | `HIGHWATER_MAX_JSON_DEPTH` | 128 |
 //! | `--max-streams-per-request` | `HIGHWATER_MAX_STREAMS_PER_REQUEST` | 100000 |
@@ -13,20 +16,20 @@
 //! | `--log-format` | `HIGHWATER_LOG_FORMAT` | `text` |
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::api::Limits;
 use crate::state::wire::DecodeLimits;
-use crate::store::DatabaseUrl;
+use crate::store::{DatabaseUrl, OpenOptions};
 
 /// How error messages name the body-size setting.
 pub const MAX_BODY_SETTING: &str = "--max-body-bytes / HIGHWATER_MAX_BODY_BYTES";
 /// How error messages name the nesting-depth setting.
 pub const MAX_DEPTH_SETTING: &str = "--max-json-depth / HIGHWATER_MAX_JSON_DEPTH";
 /// How error messages name the streams-per-request setting.
-pub const MAX_STREAMS_SETTING: &str =
-    "--max-streams-per-request / HIGHWATER_MAX_STREAMS_PER_REQUEST";
+pub const MAX_STREAMS_SETTING: &str = "--max-streams-per-request / HIGHWATER_MAX_STREAMS_PER_REQUEST";
 
 /// Highwater keeps the connection state of data-integration pipelines
 /// (cursors, CDC offsets, per-stream bookmarks) behind the state endpoints
@@ -53,13 +56,33 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct DatabaseArgs {
     /// Database to keep state in: sqlite://PATH (created on first start;
-    /// sqlite:///abs/path for an absolute path).
-    #[arg(
-        long,
-        env = "HIGHWATER_DATABASE_URL",
-        default_value = "sqlite://highwater.db"
-    )]
+    /// sqlite:///abs/path for an absolute path) or
+    /// postgres://USER:PASSWORD@HOST:PORT/DATABASE (never logged with its
+    /// password).
+    #[arg(long, env = "HIGHWATER_DATABASE_URL", default_value = "sqlite://highwater.db")]
     pub database_url: DatabaseUrl,
+
+    /// PostgreSQL: most connections this node keeps open.
+    #[arg(long, env = "HIGHWATER_DATABASE_POOL_SIZE", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub database_pool_size: u64,
+
+    /// PostgreSQL: how long to wait for a connection before answering 503,
+    /// in milliseconds.
+    #[arg(long, env = "HIGHWATER_DATABASE_TIMEOUT_MS", default_value_t = 3000,
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub database_timeout_ms: u64,
+}
+
+impl DatabaseArgs {
+    /// How to open the store.
+    pub fn open_options(&self, migrate: bool) -> OpenOptions {
+        OpenOptions {
+            migrate,
+            pool_size: self.database_pool_size as usize,
+            connect_timeout: Duration::from_millis(self.database_timeout_ms),
+        }
+    }
 }
 
 /// Settings of `highwater serve`.
@@ -71,6 +94,11 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub database: DatabaseArgs,
+
+    /// Apply pending schema migrations at start-up. With false, a node
+    /// refuses a schema that `highwater migrate` has not brought up to date.
+    #[arg(long, env = "HIGHWATER_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate: bool,
 
     /// Largest request body accepted, in bytes; larger bodies get 413.
     #[arg(long, env = "HIGHWATER_MAX_BODY_BYTES", default_value_t = 128 * 1024 * 1024,
@@ -107,12 +135,7 @@ impl ServeArgs {
 pub struct LogArgs {
     /// Log filter: a level (error, warn, info, debug, trace) or tracing
     /// directives such as "info,highwater=debug".
-    #[arg(
-        long,
-        env = "HIGHWATER_LOG_LEVEL",
-        default_value = "info",
-        global = true
-    )]
+    #[arg(long, env = "HIGHWATER_LOG_LEVEL", default_value = "info", global = true)]
     pub log_level: String,
 
     /// Log line format: human-readable text or one JSON object per line.
@@ -144,17 +167,13 @@ mod tests {
             panic!("expected serve");
         };
         assert_eq!(args.listen.to_string(), "127.0.0.1:8000");
-        assert_eq!(
-            args.database.database_url,
-            DatabaseUrl::Sqlite("highwater.db".into())
-        );
+        assert_eq!(args.database.database_url, DatabaseUrl::Sqlite("highwater.db".into()));
         assert_eq!(args.limits().decode.max_depth, 128);
     }
 
     #[test]
     fn a_bad_database_url_names_the_setting() {
-        let err =
-            Cli::try_parse_from(["highwater", "serve", "--database-url", "mysql://x"]).unwrap_err();
+        let err = Cli::try_parse_from(["highwater", "serve", "--database-url", "mysql://x"]).unwrap_err();
         assert!(err.to_string().contains("--database-url"), "{err}");
     }
 }

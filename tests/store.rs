@@ -1,31 +1,27 @@
-//! The store contract: what every backend must do, run on each backend
-//! (SQLite today) through the `Store` trait alone.
+//! The store contract: what every backend must do, through the `Store`
+//! trait alone, on the backend `HIGHWATER_TEST_BACKEND` names.
+
+mod support;
 
 use std::sync::Arc;
 
-use highwater::state::{
-    Blob, ConnectionId, EntryKey, EntryOp, StateType, StateWrite, StreamDescriptor,
-};
-use highwater::store::{self, DatabaseUrl, Store, StoreError};
+use highwater::state::{Blob, ConnectionId, EntryKey, EntryOp, StateType, StateWrite, StreamDescriptor};
+use highwater::store::{Store, StoreError};
+use support::TestDatabase;
 
 struct Backend {
     store: Arc<dyn Store>,
-    _dir: tempfile::TempDir,
+    _database: TestDatabase,
 }
 
-async fn sqlite() -> Backend {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let url = DatabaseUrl::Sqlite(dir.path().join("contract.db"));
-    let store = store::open(&url).await.expect("open sqlite");
-    Backend { store, _dir: dir }
+async fn backend() -> Backend {
+    let database = TestDatabase::new().await;
+    Backend { store: database.open().await, _database: database }
 }
 
 fn stream(name: &str, blob: Option<&str>) -> EntryOp {
     EntryOp {
-        key: EntryKey::Stream(StreamDescriptor {
-            name: name.to_owned(),
-            namespace: None,
-        }),
+        key: EntryKey::Stream(StreamDescriptor { name: name.to_owned(), namespace: None }),
         blob: blob.map(Blob::from_json),
     }
 }
@@ -36,41 +32,24 @@ fn write(state_type: StateType, ops: Vec<EntryOp>) -> StateWrite {
 
 #[tokio::test]
 async fn revisions_count_changing_writes_without_gaps() {
-    let backend = sqlite().await;
+    let backend = backend().await;
     let store = &backend.store;
     let id = ConnectionId::random();
     assert_eq!(store.read(id).await.unwrap().revision, 0);
 
-    let first = store
-        .write(id, write(StateType::Stream, vec![stream("a", Some("1"))]))
-        .await
-        .unwrap();
+    let first = store.write(id, write(StateType::Stream, vec![stream("a", Some("1"))])).await.unwrap();
     assert_eq!(first.revision, 1);
     // The same blob again changes nothing and takes no revision.
-    let same = store
-        .write(id, write(StateType::Stream, vec![stream("a", Some("1"))]))
-        .await
-        .unwrap();
+    let same = store.write(id, write(StateType::Stream, vec![stream("a", Some("1"))])).await.unwrap();
     assert_eq!(same.revision, 1);
     // A refused write takes no revision either.
     let refused = store.write(id, write(StateType::Legacy, vec![])).await;
     assert!(matches!(refused, Err(StoreError::TypeConflict(_))));
     // Deleting an absent stream is no change.
-    let absent = store
-        .write(id, write(StateType::Stream, vec![stream("zz", None)]))
-        .await
-        .unwrap();
+    let absent = store.write(id, write(StateType::Stream, vec![stream("zz", None)])).await.unwrap();
     assert_eq!(absent.revision, 1);
-    let second = store
-        .write(
-            id,
-            write(
-                StateType::Stream,
-                vec![stream("a", None), stream("b", Some("2"))],
-            ),
-        )
-        .await
-        .unwrap();
+    let second =
+        store.write(id, write(StateType::Stream, vec![stream("a", None), stream("b", Some("2"))])).await.unwrap();
     assert_eq!(second.revision, 2);
     assert_eq!(second.entries.len(), 1);
     assert_eq!(store.read(id).await.unwrap(), second);
@@ -78,28 +57,19 @@ async fn revisions_count_changing_writes_without_gaps() {
 
 #[tokio::test]
 async fn connections_are_independent() {
-    let backend = sqlite().await;
+    let backend = backend().await;
     let store = &backend.store;
     let (a, b) = (ConnectionId::random(), ConnectionId::random());
-    store
-        .write(a, write(StateType::Stream, vec![stream("s", Some("1"))]))
-        .await
-        .unwrap();
-    let other = store
-        .write(b, write(StateType::Legacy, vec![]))
-        .await
-        .unwrap();
+    store.write(a, write(StateType::Stream, vec![stream("s", Some("1"))])).await.unwrap();
+    let other = store.write(b, write(StateType::Legacy, vec![])).await.unwrap();
     assert_eq!(other.revision, 0);
     assert_eq!(other.state_type, None);
-    assert_eq!(
-        store.read(a).await.unwrap().state_type,
-        Some(StateType::Stream)
-    );
+    assert_eq!(store.read(a).await.unwrap().state_type, Some(StateType::Stream));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writes_to_one_connection_get_distinct_consecutive_revisions() {
-    let backend = sqlite().await;
+    let backend = backend().await;
     let store = backend.store.clone();
     let id = ConnectionId::random();
     let tasks: Vec<_> = (0..64)
@@ -125,6 +95,6 @@ async fn concurrent_writes_to_one_connection_get_distinct_consecutive_revisions(
 
 #[tokio::test]
 async fn ping_answers_when_the_store_is_open() {
-    let backend = sqlite().await;
+    let backend = backend().await;
     backend.store.ping().await.unwrap();
 }

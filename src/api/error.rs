@@ -97,15 +97,9 @@ impl ApiError {
             }
             Self::NotFound(route) => format!("No such route: {route}."),
             Self::MethodNotAllowed(route) => format!("Method not allowed: {route}."),
-            Self::Unavailable(_) => {
-                "The state store is unavailable; nothing was written. Retry later.".to_owned()
-            }
-            Self::StorageFull(_) => {
-                "The state store is out of space; nothing was written.".to_owned()
-            }
-            Self::Internal(_) => {
-                "Internal error; the server log has the details under this errorId.".to_owned()
-            }
+            Self::Unavailable(_) => "The state store is unavailable; nothing was written. Retry later.".to_owned(),
+            Self::StorageFull(_) => "The state store is out of space; nothing was written.".to_owned(),
+            Self::Internal(_) => "Internal error; the server log has the details under this errorId.".to_owned(),
         }
     }
 }
@@ -161,19 +155,12 @@ impl IntoResponse for ApiError {
                     tracing::info!(%error_id, status = status.as_u16(), %message, "request refused")
                 }
             }
-            serde_json::to_vec(&KnownExceptionInfo {
-                message,
-                exception_class_name: self.class_name(),
-                error_id,
-            })
+            serde_json::to_vec(&KnownExceptionInfo { message, exception_class_name: self.class_name(), error_id })
         };
         // Serialising these plain structs cannot fail; an empty body would
         // still carry the status.
         let mut response = (status, body.unwrap_or_default()).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         response
     }
 }
@@ -181,21 +168,17 @@ impl IntoResponse for ApiError {
 impl From<DecodeError> for ApiError {
     fn from(error: DecodeError) -> Self {
         let limit = |message: String| {
-            Self::Invalid(vec![FieldError {
-                property_path: String::new(),
-                invalid_value: None,
-                message,
-            }])
+            Self::Invalid(vec![FieldError { property_path: String::new(), invalid_value: None, message }])
         };
         match error {
             DecodeError::Syntax(detail) => Self::BadJson(detail),
             DecodeError::Invalid(errors) => Self::Invalid(errors),
-            DecodeError::TooDeep { limit: max } => limit(format!(
-                "JSON nests deeper than {max} levels (the limit set by {MAX_DEPTH_SETTING})"
-            )),
-            DecodeError::TooManyStreams { count, limit: max } => limit(format!(
-                "{count} streams in one request; the limit is {max} (set by {MAX_STREAMS_SETTING})"
-            )),
+            DecodeError::TooDeep { limit: max } => {
+                limit(format!("JSON nests deeper than {max} levels (the limit set by {MAX_DEPTH_SETTING})"))
+            }
+            DecodeError::TooManyStreams { count, limit: max } => {
+                limit(format!("{count} streams in one request; the limit is {max} (set by {MAX_STREAMS_SETTING})"))
+            }
         }
     }
 }

@@ -23,32 +23,20 @@ impl FromRequest<AppState> for JsonBody {
             }
         }
         let limit = app.limits.max_body_bytes;
-        Bytes::from_request(request, app)
-            .await
-            .map(Self)
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::TooLarge { limit }
-                } else {
-                    ApiError::BadJson(format!(
-                        "the body could not be read ({})",
-                        rejection.body_text()
-                    ))
-                }
-            })
+        Bytes::from_request(request, app).await.map(Self).map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge { limit }
+            } else {
+                ApiError::BadJson(format!("the body could not be read ({})", rejection.body_text()))
+            }
+        })
     }
 }
 
 /// `application/json`, or any `+json` type, with any parameters.
 fn is_json(content_type: &str) -> bool {
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 #[cfg(test)]

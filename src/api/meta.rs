@@ -15,20 +15,12 @@ pub async fn health(State(app): State<AppState>) -> Response {
         Ok(()) => Json(json!({ "available": true })).into_response(),
         Err(error) => {
             tracing::warn!(%error, "health check failed");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({ "available": false })),
-            )
-                .into_response()
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "available": false }))).into_response()
         }
     }
 }
 
 /// `GET /v1/openapi`: the service's own OpenAPI document.
 pub async fn openapi() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        OPENAPI_DOCUMENT,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_DOCUMENT).into_response()
 }

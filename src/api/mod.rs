@@ -45,21 +45,9 @@ pub const OPENAPI_DOCUMENT: &str = include_str!("openapi.json");
 pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
     vec![
         (Method::POST, "/state/get", post(state::get)),
-        (
-            Method::POST,
-            "/state/create_or_update",
-            post(state::create_or_update),
-        ),
-        (
-            Method::POST,
-            "/state/create_or_update_safe",
-            post(state::create_or_update_safe),
-        ),
-        (
-            Method::POST,
-            "/web_backend/state/get_type",
-            post(state::get_type),
-        ),
+        (Method::POST, "/state/create_or_update", post(state::create_or_update)),
+        (Method::POST, "/state/create_or_update_safe", post(state::create_or_update_safe)),
+        (Method::POST, "/web_backend/state/get_type", post(state::get_type)),
         (Method::GET, "/health", get(meta::health)),
         (Method::GET, "/openapi", get(meta::openapi)),
     ]
@@ -69,11 +57,7 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
 /// unknown routes and methods, one log line per request.
 pub fn router(app: AppState) -> Router {
     let max_body = app.limits.max_body_bytes;
-    let v1 = routes()
-        .into_iter()
-        .fold(Router::new(), |router, (_, path, handler)| {
-            router.route(path, handler)
-        });
+    let v1 = routes().into_iter().fold(Router::new(), |router, (_, path, handler)| router.route(path, handler));
     Router::new()
         .nest("/api/v1", v1.clone())
         .nest("/v1", v1)

@@ -27,6 +27,11 @@ impl ConnectionId {
         Uuid::try_parse(text).ok().map(Self)
     }
 
+    /// The 128 bits, for lock keys and hashing.
+    pub fn as_u128(self) -> u128 {
+        self.0.as_u128()
+    }
+
     /// A random identifier, for tests and tools.
     pub fn random() -> Self {
         Self(Uuid::new_v4())
@@ -168,32 +173,50 @@ pub struct TypeConflict {
 /// A legacy state gives way to any other type: its entry is deleted before
 /// the new entries are written. Global and stream states only accept writes
 /// of their own type.
-pub fn plan_write(
-    stored: Option<StateType>,
-    write: &StateWrite,
-) -> Result<Vec<EntryOp>, TypeConflict> {
+pub fn plan_write(stored: Option<StateType>, write: &StateWrite) -> Result<Vec<EntryOp>, TypeConflict> {
     use StateType::*;
     let replaces_legacy = match (stored, write.state_type) {
-        (None, _) | (Some(Legacy), Legacy) | (Some(Global), Global) | (Some(Stream), Stream) => {
-            false
-        }
+        (None, _) | (Some(Legacy), Legacy) | (Some(Global), Global) | (Some(Stream), Stream) => false,
         (Some(Legacy), Global | Stream) => true,
-        (Some(stored), incoming) => {
-            return Err(TypeConflict {
-                stored: stored.as_str(),
-                incoming: incoming.as_str(),
-            })
-        }
+        (Some(stored), incoming) => return Err(TypeConflict { stored: stored.as_str(), incoming: incoming.as_str() }),
     };
     let mut ops = Vec::with_capacity(write.ops.len() + usize::from(replaces_legacy));
     if replaces_legacy {
-        ops.push(EntryOp {
-            key: EntryKey::Legacy,
-            blob: None,
-        });
+        ops.push(EntryOp { key: EntryKey::Legacy, blob: None });
     }
     ops.extend(write.ops.iter().cloned());
     Ok(ops)
+}
+
+/// One entry change a write really makes: an op whose blob differs from
+/// the stored one (or that deletes an entry that exists).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change<'a> {
+    /// The entry's encoded key ([`EntryKey::encode`]).
+    pub key: String,
+    /// The new blob, or `None` to delete the entry.
+    pub blob: Option<&'a Blob>,
+    /// Whether the entry exists before the change.
+    pub existed: bool,
+}
+
+/// Compares the planned ops with the stored blobs of the keys they touch
+/// (`stored`, by encoded key) and keeps only the ops that change something,
+/// in order. An empty result means the write changes nothing and takes no
+/// revision.
+pub fn changes<'a>(ops: &'a [EntryOp], stored: &std::collections::HashMap<String, String>) -> Vec<Change<'a>> {
+    ops.iter()
+        .filter_map(|op| {
+            let key = op.key.encode();
+            let old = stored.get(&key);
+            let differs = match (old, &op.blob) {
+                (None, None) => false,
+                (Some(old), Some(new)) => old != new.as_str(),
+                _ => true,
+            };
+            differs.then(|| Change { existed: old.is_some(), key, blob: op.blob.as_ref() })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -201,20 +224,11 @@ mod tests {
     use super::*;
 
     fn stream(name: &str, namespace: Option<&str>) -> EntryKey {
-        EntryKey::Stream(StreamDescriptor {
-            name: name.to_owned(),
-            namespace: namespace.map(str::to_owned),
-        })
+        EntryKey::Stream(StreamDescriptor { name: name.to_owned(), namespace: namespace.map(str::to_owned) })
     }
 
     fn write(state_type: StateType) -> StateWrite {
-        StateWrite {
-            state_type,
-            ops: vec![EntryOp {
-                key: stream("a", None),
-                blob: Some(Blob::from_json("1")),
-            }],
-        }
+        StateWrite { state_type, ops: vec![EntryOp { key: stream("a", None), blob: Some(Blob::from_json("1")) }] }
     }
 
     #[test]
@@ -265,29 +279,40 @@ mod tests {
     #[test]
     fn a_legacy_state_is_deleted_before_another_type_is_written() {
         let ops = plan_write(Some(StateType::Legacy), &write(StateType::Global)).unwrap();
-        assert_eq!(
-            ops[0],
-            EntryOp {
-                key: EntryKey::Legacy,
-                blob: None
-            }
-        );
+        assert_eq!(ops[0], EntryOp { key: EntryKey::Legacy, blob: None });
         assert_eq!(&ops[1..], &write(StateType::Global).ops[..]);
     }
 
     #[test]
     fn global_and_stream_states_refuse_other_types() {
         use StateType::*;
-        for (stored, incoming) in [
-            (Global, Legacy),
-            (Global, Stream),
-            (Stream, Legacy),
-            (Stream, Global),
-        ] {
+        for (stored, incoming) in [(Global, Legacy), (Global, Stream), (Stream, Legacy), (Stream, Global)] {
             let err = plan_write(Some(stored), &write(incoming)).unwrap_err();
             assert_eq!(err.stored, stored.as_str());
             assert_eq!(err.incoming, incoming.as_str());
         }
+    }
+
+    #[test]
+    fn only_ops_that_change_something_are_changes() {
+        let stored: std::collections::HashMap<String, String> = [
+            (stream("same", None).encode(), "1".to_owned()),
+            (stream("other", None).encode(), "1".to_owned()),
+            (stream("gone", None).encode(), "1".to_owned()),
+        ]
+        .into();
+        let op = |name: &str, blob: Option<&str>| EntryOp { key: stream(name, None), blob: blob.map(Blob::from_json) };
+        let ops = [
+            op("same", Some("1")),
+            op("other", Some("2")),
+            op("gone", None),
+            op("absent", None),
+            op("new", Some("null")),
+        ];
+        let found: Vec<(String, bool, bool)> =
+            changes(&ops, &stored).into_iter().map(|c| (c.key, c.blob.is_some(), c.existed)).collect();
+        let key = |name: &str| stream(name, None).encode();
+        assert_eq!(found, [(key("other"), true, true), (key("gone"), false, true), (key("new"), true, false)]);
     }
 
     #[test]

@@ -12,9 +12,7 @@ use std::fmt;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::{
-    Blob, ConnectionId, EntryKey, EntryOp, StateType, StateWrite, StoredState, StreamDescriptor,
-};
+use super::{Blob, ConnectionId, EntryKey, EntryOp, StateType, StateWrite, StoredState, StreamDescriptor};
 
 /// Limits applied while decoding a request.
 #[derive(Debug, Clone, Copy)]
@@ -61,10 +59,7 @@ impl fmt::Display for FieldError {
 }
 
 /// Decodes a `ConnectionIdRequestBody`.
-pub fn decode_connection_id_request(
-    body: &[u8],
-    limits: DecodeLimits,
-) -> Result<ConnectionId, DecodeError> {
+pub fn decode_connection_id_request(body: &[u8], limits: DecodeLimits) -> Result<ConnectionId, DecodeError> {
     let top = decode_top(body, limits)?;
     let mut errors = Errors::default();
     let id = top.and_then(|top| connection_id(&top, &mut errors));
@@ -72,10 +67,7 @@ pub fn decode_connection_id_request(
 }
 
 /// Decodes a `ConnectionStateCreateOrUpdate`.
-pub fn decode_create_or_update(
-    body: &[u8],
-    limits: DecodeLimits,
-) -> Result<(ConnectionId, StateWrite), DecodeError> {
+pub fn decode_create_or_update(body: &[u8], limits: DecodeLimits) -> Result<(ConnectionId, StateWrite), DecodeError> {
     let top = decode_top(body, limits)?;
     let mut errors = Errors::default();
     let Some(top) = top else {
@@ -100,9 +92,7 @@ fn decode_top(body: &[u8], limits: DecodeLimits) -> Result<Option<Object<'_>>, D
     let text = std::str::from_utf8(body)
         .map_err(|e| DecodeError::Syntax(format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
     if nesting_exceeds(text.as_bytes(), limits.max_depth) {
-        return Err(DecodeError::TooDeep {
-            limit: limits.max_depth,
-        });
+        return Err(DecodeError::TooDeep { limit: limits.max_depth });
     }
     if text.trim_start().starts_with('{') {
         let members: Members<'_> = parse(text).map_err(|e| DecodeError::Syntax(e.to_string()))?;
@@ -125,11 +115,7 @@ fn connection_id(top: &Object<'_>, errors: &mut Errors) -> Option<ConnectionId> 
     };
     let id = string(raw).as_deref().and_then(ConnectionId::parse);
     if id.is_none() {
-        errors.push(
-            "connectionId",
-            Some(raw),
-            "must be a UUID in its 36-character form",
-        );
+        errors.push("connectionId", Some(raw), "must be a UUID in its 36-character form");
     }
     id
 }
@@ -157,11 +143,7 @@ fn state_write(
             name => match name.and_then(StateType::parse) {
                 Some(state_type) => state_type,
                 None => {
-                    errors.push(
-                        PATH,
-                        Some(raw),
-                        "must be one of legacy, global, stream, not_set",
-                    );
+                    errors.push(PATH, Some(raw), "must be one of legacy, global, stream, not_set");
                     return Ok(None);
                 }
             },
@@ -169,10 +151,7 @@ fn state_write(
     };
     let mut streams = StreamItems::new(limits);
     let ops = match state_type {
-        StateType::Legacy => vec![EntryOp {
-            key: EntryKey::Legacy,
-            blob: state.get("state").map(blob),
-        }],
+        StateType::Legacy => vec![EntryOp { key: EntryKey::Legacy, blob: state.get("state").map(blob) }],
         StateType::Stream => {
             let path = "connectionState.streamState";
             streams.read(state.get("streamState"), path, errors)?;
@@ -183,11 +162,7 @@ fn state_write(
     Ok(Some(StateWrite { state_type, ops }))
 }
 
-fn global_ops(
-    state: &Object<'_>,
-    streams: &mut StreamItems,
-    errors: &mut Errors,
-) -> Result<Vec<EntryOp>, DecodeError> {
+fn global_ops(state: &Object<'_>, streams: &mut StreamItems, errors: &mut Errors) -> Result<Vec<EntryOp>, DecodeError> {
     const PATH: &str = "connectionState.globalState";
     let Some(raw) = state.get("globalState") else {
         errors.push(PATH, None, "is required for a global state");
@@ -199,19 +174,12 @@ fn global_ops(
     let shared = match (global.get("shared_state"), global.get("sharedState")) {
         (Some(_), Some(alias)) => {
             let path = "connectionState.globalState.sharedState";
-            errors.push(
-                path,
-                Some(alias),
-                "must not be sent together with shared_state",
-            );
+            errors.push(path, Some(alias), "must not be sent together with shared_state");
             None
         }
         (snake, camel) => snake.or(camel).map(blob),
     };
-    let mut ops = vec![EntryOp {
-        key: EntryKey::Shared,
-        blob: shared,
-    }];
+    let mut ops = vec![EntryOp { key: EntryKey::Shared, blob: shared }];
     let path = "connectionState.globalState.streamStates";
     streams.read(global.get("streamStates"), path, errors)?;
     ops.append(&mut streams.ops);
@@ -227,19 +195,10 @@ struct StreamItems {
 
 impl StreamItems {
     fn new(limits: DecodeLimits) -> Self {
-        Self {
-            limits,
-            ops: Vec::new(),
-            seen: HashMap::new(),
-        }
+        Self { limits, ops: Vec::new(), seen: HashMap::new() }
     }
 
-    fn read(
-        &mut self,
-        raw: Option<&RawValue>,
-        path: &str,
-        errors: &mut Errors,
-    ) -> Result<(), DecodeError> {
+    fn read(&mut self, raw: Option<&RawValue>, path: &str, errors: &mut Errors) -> Result<(), DecodeError> {
         let Some(raw) = raw.filter(|raw| !is_null(raw)) else {
             return Ok(());
         };
@@ -247,10 +206,7 @@ impl StreamItems {
             return Ok(());
         };
         if items.len() > self.limits.max_streams {
-            return Err(DecodeError::TooManyStreams {
-                count: items.len(),
-                limit: self.limits.max_streams,
-            });
+            return Err(DecodeError::TooManyStreams { count: items.len(), limit: self.limits.max_streams });
         }
         self.ops.reserve(items.len());
         for (i, item) in items.into_iter().enumerate() {
@@ -259,9 +215,7 @@ impl StreamItems {
                 continue;
             };
             let descriptor_path = format!("{item_path}.streamDescriptor");
-            let Some(descriptor) =
-                descriptor(item.get("streamDescriptor"), &descriptor_path, errors)
-            else {
+            let Some(descriptor) = descriptor(item.get("streamDescriptor"), &descriptor_path, errors) else {
                 continue;
             };
             let key = EntryKey::Stream(descriptor);
@@ -308,10 +262,7 @@ fn descriptor(raw: Option<&RawValue>, path: &str, errors: &mut Errors) -> Option
             namespace.map(Some)
         }
     };
-    Some(StreamDescriptor {
-        name: name?,
-        namespace: namespace?,
-    })
+    Some(StreamDescriptor { name: name?, namespace: namespace? })
 }
 
 /// Renders a state as Airbyte's `ConnectionState`, fields in the order of
@@ -483,11 +434,7 @@ impl<'a> Object<'a> {
         let mut seen = HashSet::with_capacity(members.0.len());
         for (name, _) in &members.0 {
             if !seen.insert(name.as_str()) {
-                let member_path = if path.is_empty() {
-                    name.clone()
-                } else {
-                    format!("{path}.{name}")
-                };
+                let member_path = if path.is_empty() { name.clone() } else { format!("{path}.{name}") };
                 errors.push(&member_path, None, "appears more than once");
             }
         }
@@ -495,10 +442,7 @@ impl<'a> Object<'a> {
     }
 
     fn get(&self, name: &str) -> Option<&'a RawValue> {
-        self.members
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| *v)
+        self.members.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
     }
 }
 

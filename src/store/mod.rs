@@ -7,10 +7,12 @@
 //! transaction, so the type check and the write are atomic. It knows nothing
 //! of HTTP.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -48,12 +50,15 @@ pub enum StoreError {
     Internal(String),
 }
 
-/// Where the state lives, parsed from `--database-url`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where the state lives, parsed from `--database-url`. `Debug` and
+/// `Display` never show a password.
+#[derive(Clone, PartialEq, Eq)]
 pub enum DatabaseUrl {
     /// `sqlite://PATH`: an embedded SQLite file (relative paths are relative
     /// to the working directory; `sqlite:///abs/path` is absolute).
     Sqlite(PathBuf),
+    /// `postgres://user:password@host:port/database?options`.
+    Postgres(String),
 }
 
 impl std::str::FromStr for DatabaseUrl {
@@ -62,18 +67,21 @@ impl std::str::FromStr for DatabaseUrl {
     fn from_str(url: &str) -> Result<Self, Self::Err> {
         if let Some(path) = url.strip_prefix("sqlite://") {
             if path.is_empty() {
-                return Err(
-                    "a sqlite:// URL needs a file path, e.g. sqlite://highwater.db".to_owned(),
-                );
+                return Err("a sqlite:// URL needs a file path, e.g. sqlite://highwater.db".to_owned());
             }
             return Ok(Self::Sqlite(PathBuf::from(path)));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Err(
-                "PostgreSQL is not supported by this version yet; use sqlite://PATH".to_owned(),
-            );
+            url.parse::<tokio_postgres::Config>().map_err(|e| format!("invalid PostgreSQL URL: {e}"))?;
+            return Ok(Self::Postgres(url.to_owned()));
         }
-        Err("unsupported database URL: expected sqlite://PATH".to_owned())
+        Err("unsupported database URL: expected sqlite://PATH or postgres://…".to_owned())
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DatabaseUrl({self})")
     }
 }
 
@@ -81,18 +89,61 @@ impl std::fmt::Display for DatabaseUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+            Self::Postgres(url) => f.write_str(&redact_password(url)),
         }
     }
 }
 
-/// Opens (creating and migrating when needed) the store a URL names.
-pub async fn open(url: &DatabaseUrl) -> anyhow::Result<Arc<dyn Store>> {
+/// Replaces the password of a URL with `***`, for logs and messages.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// How to open a store, beyond its URL.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Apply pending migrations; when false, a schema that is not current
+    /// is refused.
+    pub migrate: bool,
+    /// Most database connections one node keeps (PostgreSQL).
+    pub pool_size: usize,
+    /// How long to wait for a database connection before failing (PostgreSQL).
+    pub connect_timeout: Duration,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self { migrate: true, pool_size: 16, connect_timeout: Duration::from_secs(3) }
+    }
+}
+
+/// Opens (creating and migrating when allowed) the store a URL names.
+pub async fn open(url: &DatabaseUrl, options: &OpenOptions) -> anyhow::Result<Arc<dyn Store>> {
     match url {
         DatabaseUrl::Sqlite(path) => {
             let path = path.clone();
-            let store =
-                tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path)).await??;
+            let migrate = options.migrate;
+            let store = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path, migrate)).await??;
             Ok(Arc::new(store))
+        }
+        DatabaseUrl::Postgres(url) => {
+            let options = postgres::PostgresOptions {
+                pool_size: options.pool_size,
+                connect_timeout: options.connect_timeout,
+                migrate: options.migrate,
+            };
+            Ok(Arc::new(postgres::PostgresStore::open(url, &options).await?))
         }
     }
 }
@@ -103,25 +154,22 @@ mod tests {
 
     #[test]
     fn sqlite_urls_name_relative_and_absolute_paths() {
-        assert_eq!(
-            "sqlite://hw.db".parse(),
-            Ok(DatabaseUrl::Sqlite("hw.db".into()))
-        );
-        assert_eq!(
-            "sqlite:///tmp/hw.db".parse(),
-            Ok(DatabaseUrl::Sqlite("/tmp/hw.db".into()))
-        );
+        assert_eq!("sqlite://hw.db".parse(), Ok(DatabaseUrl::Sqlite("hw.db".into())));
+        assert_eq!("sqlite:///tmp/hw.db".parse(), Ok(DatabaseUrl::Sqlite("/tmp/hw.db".into())));
+    }
+
+    #[test]
+    fn postgres_urls_are_accepted_and_shown_without_password() {
+        let url: DatabaseUrl = "postgres://hw:s3cret@db:5432/state?sslmode=disable".parse().unwrap();
+        assert_eq!(url.to_string(), "postgres://hw:***@db:5432/state?sslmode=disable");
+        assert!(!format!("{url:?}").contains("s3cret"));
+        let plain: DatabaseUrl = "postgresql://root@127.0.0.1/x".parse().unwrap();
+        assert_eq!(plain.to_string(), "postgresql://root@127.0.0.1/x");
     }
 
     #[test]
     fn other_urls_are_refused_with_a_hint() {
-        assert!("sqlite://"
-            .parse::<DatabaseUrl>()
-            .unwrap_err()
-            .contains("file path"));
-        assert!("mysql://x"
-            .parse::<DatabaseUrl>()
-            .unwrap_err()
-            .contains("sqlite://PATH"));
+        assert!("sqlite://".parse::<DatabaseUrl>().unwrap_err().contains("file path"));
+        assert!("mysql://x".parse::<DatabaseUrl>().unwrap_err().contains("sqlite://PATH"));
     }
 }

@@ -2,34 +2,28 @@
 //! client that speaks to it as Airbyte's clients do.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use highwater::api::{AppState, Limits};
 use highwater::state::wire::DecodeLimits;
 use highwater::state::ConnectionId;
-use highwater::store::{self, DatabaseUrl};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+
+use crate::support::TestDatabase;
 
 pub const JSON: &str = "application/json";
 
 pub fn default_limits() -> Limits {
-    Limits {
-        max_body_bytes: 128 * 1024 * 1024,
-        decode: DecodeLimits {
-            max_depth: 128,
-            max_streams: 100_000,
-        },
-    }
+    Limits { max_body_bytes: 128 * 1024 * 1024, decode: DecodeLimits { max_depth: 128, max_streams: 100_000 } }
 }
 
 pub struct TestApp {
     pub address: SocketAddr,
     pub client: reqwest::Client,
-    pub db_path: PathBuf,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
+    // Declared last: dropped after the server has been told to stop.
+    pub database: TestDatabase,
 }
 
 impl TestApp {
@@ -38,17 +32,9 @@ impl TestApp {
     }
 
     pub async fn spawn_with(limits: Limits) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db_path = dir.path().join("highwater.db");
-        let (address, stop, server) = serve(&db_path, limits).await;
-        Self {
-            address,
-            client: reqwest::Client::new(),
-            db_path,
-            stop: Some(stop),
-            server: Some(server),
-            _dir: dir,
-        }
+        let database = TestDatabase::new().await;
+        let (address, stop, server) = serve(&database, limits).await;
+        Self { address, client: reqwest::Client::new(), stop: Some(stop), server: Some(server), database }
     }
 
     /// Stops the server (finishing what is in flight) and starts a new one
@@ -60,7 +46,7 @@ impl TestApp {
         if let Some(server) = self.server.take() {
             server.await.expect("server task");
         }
-        let (address, stop, server) = serve(&self.db_path, default_limits()).await;
+        let (address, stop, server) = serve(&self.database, default_limits()).await;
         self.address = address;
         self.stop = Some(stop);
         self.server = Some(server);
@@ -72,16 +58,10 @@ impl TestApp {
 
     /// POSTs a JSON body; returns status and body text.
     pub async fn post(&self, path: &str, body: &str) -> (u16, String) {
-        self.post_bytes(path, body.as_bytes().to_vec(), Some(JSON))
-            .await
+        self.post_bytes(path, body.as_bytes().to_vec(), Some(JSON)).await
     }
 
-    pub async fn post_bytes(
-        &self,
-        path: &str,
-        body: Vec<u8>,
-        content_type: Option<&str>,
-    ) -> (u16, String) {
+    pub async fn post_bytes(&self, path: &str, body: Vec<u8>, content_type: Option<&str>) -> (u16, String) {
         let mut request = self.client.post(self.url(path)).body(body);
         if let Some(content_type) = content_type {
             request = request.header("content-type", content_type);
@@ -92,12 +72,7 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> (u16, String) {
-        let response = self
-            .client
-            .get(self.url(path))
-            .send()
-            .await
-            .expect("request");
+        let response = self.client.get(self.url(path)).send().await.expect("request");
         let status = response.status().as_u16();
         (status, response.text().await.expect("body"))
     }
@@ -110,12 +85,7 @@ impl TestApp {
 
     /// `state/get` for `id`, which must succeed.
     pub async fn read(&self, id: &str) -> String {
-        let (status, body) = self
-            .post(
-                "/api/v1/state/get",
-                &format!(r#"{{"connectionId":"{id}"}}"#),
-            )
-            .await;
+        let (status, body) = self.post("/api/v1/state/get", &format!(r#"{{"connectionId":"{id}"}}"#)).await;
         assert_eq!(status, 200, "{body}");
         body
     }
@@ -130,12 +100,10 @@ impl Drop for TestApp {
 }
 
 async fn serve(
-    db_path: &std::path::Path,
+    database: &TestDatabase,
     limits: Limits,
 ) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let store = store::open(&DatabaseUrl::Sqlite(db_path.to_owned()))
-        .await
-        .expect("open store");
+    let store = database.open().await;
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
     let address = listener.local_addr().expect("address");
     let (stop, stopped) = oneshot::channel::<()>();
@@ -144,9 +112,7 @@ async fn serve(
         let shutdown = async {
             let _ = stopped.await;
         };
-        highwater::startup::run(listener, app, shutdown)
-            .await
-            .expect("serve");
+        highwater::startup::run(listener, app, shutdown).await.expect("serve");
     });
     (address, stop, server)
 }
@@ -161,19 +127,13 @@ pub fn new_id() -> String {
 pub fn masked(body: &str) -> String {
     let value: serde_json::Value = serde_json::from_str(body).expect("error body is JSON");
     let id = value["errorId"].as_str().expect("errorId present");
-    assert!(
-        ConnectionId::parse(id).is_some(),
-        "errorId {id} is not a UUID"
-    );
+    assert!(ConnectionId::parse(id).is_some(), "errorId {id} is not a UUID");
     body.replace(id, "<errorId>")
 }
 
 /// The body of a `KnownExceptionInfo` with a masked id.
 pub fn known_error(message: &str, class: &str) -> String {
-    format!(
-        r#"{{"message":{},"exceptionClassName":"{class}","errorId":"<errorId>"}}"#,
-        quoted(message)
-    )
+    format!(r#"{{"message":{},"exceptionClassName":"{class}","errorId":"<errorId>"}}"#, quoted(message))
 }
 
 /// The body of an `InvalidInputExceptionInfo`: the message, then each
@@ -182,21 +142,11 @@ pub fn invalid_input(message: &str, errors: &[(&str, Option<&str>, &str)]) -> St
     let items: Vec<String> = errors
         .iter()
         .map(|(path, value, message)| {
-            let value = value.map_or(String::new(), |v| {
-                format!(r#","invalidValue":{}"#, quoted(v))
-            });
-            format!(
-                r#"{{"propertyPath":{}{value},"message":{}}}"#,
-                quoted(path),
-                quoted(message)
-            )
+            let value = value.map_or(String::new(), |v| format!(r#","invalidValue":{}"#, quoted(v)));
+            format!(r#"{{"propertyPath":{}{value},"message":{}}}"#, quoted(path), quoted(message))
         })
         .collect();
-    format!(
-        r#"{{"message":{},"validationErrors":[{}]}}"#,
-        quoted(message),
-        items.join(",")
-    )
+    format!(r#"{{"message":{},"validationErrors":[{}]}}"#, quoted(message), items.join(","))
 }
 
 fn quoted(text: &str) -> String {

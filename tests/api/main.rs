@@ -1,9 +1,12 @@
 //! The API suite: every rule and error case of STATE-API.md over real HTTP,
-//! each against a fresh server on port 0 with its own database.
+//! each against a fresh server on port 0 with its own database, on the
+//! backend `HIGHWATER_TEST_BACKEND` names (see `tests/support`).
 
 mod errors;
 mod harness;
 mod reading;
 mod routes;
+#[path = "../support/mod.rs"]
+mod support;
 mod type_rules;
 mod writing;

@@ -9,10 +9,7 @@ use crate::harness::{new_id, TestApp};
 async fn health_reports_available() {
     let app = TestApp::spawn().await;
     for prefix in ["/api/v1", "/v1"] {
-        assert_eq!(
-            app.get(&format!("{prefix}/health")).await,
-            (200, r#"{"available":true}"#.to_owned())
-        );
+        assert_eq!(app.get(&format!("{prefix}/health")).await, (200, r#"{"available":true}"#.to_owned()));
     }
 }
 
@@ -23,16 +20,9 @@ async fn every_route_is_served_under_both_prefixes() {
     for (method, path, _) in highwater::api::routes() {
         for prefix in ["/api/v1", "/v1"] {
             let url = format!("{prefix}{path}");
-            let (status, answer) = if method == "GET" {
-                app.get(&url).await
-            } else {
-                app.post(&url, &body).await
-            };
+            let (status, answer) = if method == "GET" { app.get(&url).await } else { app.post(&url, &body).await };
             // A write with a body lacking connectionState is 422, not 404.
-            assert!(
-                status == 200 || status == 422,
-                "{method} {url}: {status} {answer}"
-            );
+            assert!(status == 200 || status == 422, "{method} {url}: {status} {answer}");
         }
     }
 }
@@ -53,9 +43,7 @@ async fn the_openapi_document_lists_exactly_the_served_routes() {
             methods.map(move |m| format!("{} {path}", m.to_uppercase()))
         })
         .collect();
-    let served: BTreeSet<String> = highwater::api::routes()
-        .into_iter()
-        .map(|(method, path, _)| format!("{method} /v1{path}"))
-        .collect();
+    let served: BTreeSet<String> =
+        highwater::api::routes().into_iter().map(|(method, path, _)| format!("{method} /v1{path}")).collect();
     assert_eq!(documented, served);
 }

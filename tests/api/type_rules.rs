@@ -6,8 +6,7 @@ use crate::harness::{known_error, masked, new_id, TestApp};
 
 const LEGACY: &str = r#"{"stateType":"legacy","state":{"l":1}}"#;
 const GLOBAL: &str = r#"{"stateType":"global","globalState":{"shared_state":{"g":1},"streamStates":[{"streamDescriptor":{"name":"s"},"streamState":1}]}}"#;
-const STREAM: &str =
-    r#"{"stateType":"stream","streamState":[{"streamDescriptor":{"name":"s"},"streamState":1}]}"#;
+const STREAM: &str = r#"{"stateType":"stream","streamState":[{"streamDescriptor":{"name":"s"},"streamState":1}]}"#;
 
 #[tokio::test]
 async fn a_legacy_state_is_replaced_by_a_global_or_stream_write() {
@@ -17,14 +16,8 @@ async fn a_legacy_state_is_replaced_by_a_global_or_stream_write() {
         app.write(&id, LEGACY).await;
         let (status, body) = app.write(&id, next).await;
         assert_eq!(status, 200, "{body}");
-        assert!(
-            body.starts_with(&format!(r#"{{"stateType":"{name}""#)),
-            "{body}"
-        );
-        assert!(
-            !body.contains(r#""l":1"#),
-            "legacy blob still there: {body}"
-        );
+        assert!(body.starts_with(&format!(r#"{{"stateType":"{name}""#)), "{body}");
+        assert!(!body.contains(r#""l":1"#), "legacy blob still there: {body}");
     }
 }
 
@@ -33,14 +26,9 @@ async fn an_empty_stream_write_over_legacy_leaves_not_set() {
     let app = TestApp::spawn().await;
     let id = new_id();
     app.write(&id, LEGACY).await;
-    let (status, body) = app
-        .write(&id, r#"{"stateType":"stream","streamState":[]}"#)
-        .await;
+    let (status, body) = app.write(&id, r#"{"stateType":"stream","streamState":[]}"#).await;
     assert_eq!(status, 200);
-    assert_eq!(
-        body,
-        format!(r#"{{"stateType":"not_set","connectionId":"{id}"}}"#)
-    );
+    assert_eq!(body, format!(r#"{{"stateType":"not_set","connectionId":"{id}"}}"#));
 }
 
 #[tokio::test]
@@ -55,10 +43,7 @@ async fn global_and_stream_states_refuse_other_types_with_409_and_write_nothing(
     for (stored, first, incoming, second) in cases {
         let id = new_id();
         let (_, before) = app.write(&id, first).await;
-        for route in [
-            "/api/v1/state/create_or_update",
-            "/v1/state/create_or_update_safe",
-        ] {
+        for route in ["/api/v1/state/create_or_update", "/v1/state/create_or_update_safe"] {
             let body = format!(r#"{{"connectionId":"{id}","connectionState":{second}}}"#);
             let (status, answer) = app.post(route, &body).await;
             assert_eq!(status, 409, "{stored} -> {incoming}");
@@ -78,16 +63,8 @@ async fn once_every_entry_is_deleted_any_type_may_follow() {
     let app = TestApp::spawn().await;
     let id = new_id();
     app.write(&id, STREAM).await;
-    let (_, body) = app
-        .write(
-            &id,
-            r#"{"stateType":"stream","streamState":[{"streamDescriptor":{"name":"s"}}]}"#,
-        )
-        .await;
-    assert_eq!(
-        body,
-        format!(r#"{{"stateType":"not_set","connectionId":"{id}"}}"#)
-    );
+    let (_, body) = app.write(&id, r#"{"stateType":"stream","streamState":[{"streamDescriptor":{"name":"s"}}]}"#).await;
+    assert_eq!(body, format!(r#"{{"stateType":"not_set","connectionId":"{id}"}}"#));
     let (status, _) = app.write(&id, LEGACY).await;
     assert_eq!(status, 200);
 }
@@ -100,8 +77,5 @@ async fn a_global_write_deleting_everything_leaves_not_set() {
     let (_, body) = app
         .write(&id, r#"{"stateType":"global","globalState":{"streamStates":[{"streamDescriptor":{"name":"s"}}]}}"#)
         .await;
-    assert_eq!(
-        body,
-        format!(r#"{{"stateType":"not_set","connectionId":"{id}"}}"#)
-    );
+    assert_eq!(body, format!(r#"{{"stateType":"not_set","connectionId":"{id}"}}"#));
 }

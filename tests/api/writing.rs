@@ -11,35 +11,16 @@ fn item(name: &str, blob: Option<&str>) -> String {
 }
 
 fn stream_write(items: &[String]) -> String {
-    format!(
-        r#"{{"stateType":"stream","streamState":[{}]}}"#,
-        items.join(",")
-    )
+    format!(r#"{{"stateType":"stream","streamState":[{}]}}"#, items.join(","))
 }
 
 #[tokio::test]
 async fn a_stream_write_upserts_present_deletes_absent_and_leaves_the_rest() {
     let app = TestApp::spawn().await;
     let id = new_id();
-    app.write(
-        &id,
-        &stream_write(&[
-            item("a", Some("1")),
-            item("b", Some("1")),
-            item("c", Some("1")),
-        ]),
-    )
-    .await;
-    let (status, body) = app
-        .write(
-            &id,
-            &stream_write(&[
-                item("a", Some("null")),
-                item("b", None),
-                item("d", Some("4")),
-            ]),
-        )
-        .await;
+    app.write(&id, &stream_write(&[item("a", Some("1")), item("b", Some("1")), item("c", Some("1"))])).await;
+    let (status, body) =
+        app.write(&id, &stream_write(&[item("a", Some("null")), item("b", None), item("d", Some("4"))])).await;
     assert_eq!(status, 200);
     let expected = format!(
         r#"{{"stateType":"stream","connectionId":"{id}","streamState":[{},{},{}]}}"#,
@@ -71,34 +52,20 @@ async fn namespaces_distinguish_streams_and_null_means_absent() {
 async fn a_legacy_write_replaces_the_blob_and_without_state_clears_it() {
     let app = TestApp::spawn().await;
     let id = new_id();
-    app.write(&id, r#"{"stateType":"legacy","state":{"a":1}}"#)
-        .await;
-    let (_, body) = app
-        .write(&id, r#"{"stateType":"legacy","state":[2]}"#)
-        .await;
-    assert_eq!(
-        body,
-        format!(r#"{{"stateType":"legacy","connectionId":"{id}","state":[2]}}"#)
-    );
+    app.write(&id, r#"{"stateType":"legacy","state":{"a":1}}"#).await;
+    let (_, body) = app.write(&id, r#"{"stateType":"legacy","state":[2]}"#).await;
+    assert_eq!(body, format!(r#"{{"stateType":"legacy","connectionId":"{id}","state":[2]}}"#));
     let (status, body) = app.write(&id, r#"{"stateType":"legacy"}"#).await;
     assert_eq!(status, 200);
-    assert_eq!(
-        body,
-        format!(r#"{{"stateType":"not_set","connectionId":"{id}"}}"#)
-    );
+    assert_eq!(body, format!(r#"{{"stateType":"not_set","connectionId":"{id}"}}"#));
 }
 
 #[tokio::test]
 async fn a_literal_null_legacy_state_is_stored() {
     let app = TestApp::spawn().await;
     let id = new_id();
-    let (_, body) = app
-        .write(&id, r#"{"stateType":"legacy","state":null}"#)
-        .await;
-    assert_eq!(
-        body,
-        format!(r#"{{"stateType":"legacy","connectionId":"{id}","state":null}}"#)
-    );
+    let (_, body) = app.write(&id, r#"{"stateType":"legacy","state":null}"#).await;
+    assert_eq!(body, format!(r#"{{"stateType":"legacy","connectionId":"{id}","state":null}}"#));
 }
 
 #[tokio::test]
@@ -118,9 +85,7 @@ async fn a_global_write_without_shared_state_deletes_it_and_keeps_streams() {
         )
     );
     // No shared_state and no streamStates: the shared blob goes, streams stay.
-    let (status, body) = app
-        .write(&id, r#"{"stateType":"global","globalState":{}}"#)
-        .await;
+    let (status, body) = app.write(&id, r#"{"stateType":"global","globalState":{}}"#).await;
     assert_eq!(status, 200);
     let expected = format!(
         r#"{{"stateType":"global","connectionId":"{id}","globalState":{{"streamStates":[{}]}}}}"#,
@@ -133,12 +98,8 @@ async fn a_global_write_without_shared_state_deletes_it_and_keeps_streams() {
 async fn a_global_state_accepts_the_shared_state_alias_and_always_lists_streams() {
     let app = TestApp::spawn().await;
     let id = new_id();
-    let (status, body) = app
-        .write(
-            &id,
-            r#"{"stateType":"global","globalState":{"sharedState":{"x":1},"streamStates":null}}"#,
-        )
-        .await;
+    let (status, body) =
+        app.write(&id, r#"{"stateType":"global","globalState":{"sharedState":{"x":1},"streamStates":null}}"#).await;
     assert_eq!(status, 200);
     let expected = format!(
         r#"{{"stateType":"global","connectionId":"{id}","globalState":{{"shared_state":{{"x":1}},"streamStates":[]}}}}"#
@@ -154,10 +115,7 @@ async fn the_inner_connection_id_and_other_types_fields_are_ignored() {
         "streamState":"junk","globalState":42,"unknown":{"x":[1]}}"#;
     let (status, body) = app.write(&id, state).await;
     assert_eq!(status, 200);
-    assert_eq!(
-        body,
-        format!(r#"{{"stateType":"legacy","connectionId":"{id}","state":{{"a":1}}}}"#)
-    );
+    assert_eq!(body, format!(r#"{{"stateType":"legacy","connectionId":"{id}","state":{{"a":1}}}}"#));
 }
 
 #[tokio::test]
@@ -172,10 +130,7 @@ async fn unknown_properties_are_ignored_at_every_level() {
     assert_eq!(status, 200);
     assert_eq!(
         app.read(&id).await,
-        format!(
-            r#"{{"stateType":"stream","connectionId":"{id}","streamState":[{}]}}"#,
-            item("a", Some("1"))
-        )
+        format!(r#"{{"stateType":"stream","connectionId":"{id}","streamState":[{}]}}"#, item("a", Some("1")))
     );
 }
 
@@ -196,10 +151,7 @@ async fn a_write_that_changes_nothing_is_answered_normally() {
 async fn the_safe_write_behaves_like_the_plain_one_without_a_sync() {
     let app = TestApp::spawn().await;
     let id = new_id();
-    let body = format!(
-        r#"{{"connectionId":"{id}","connectionState":{}}}"#,
-        stream_write(&[item("a", Some("1"))])
-    );
+    let body = format!(r#"{{"connectionId":"{id}","connectionState":{}}}"#, stream_write(&[item("a", Some("1"))]));
     let (status, answer) = app.post("/api/v1/state/create_or_update_safe", &body).await;
     assert_eq!(status, 200);
     assert_eq!(answer, app.read(&id).await);
@@ -214,10 +166,7 @@ async fn concurrent_writes_all_land_and_readers_never_see_half_a_write() {
         tokio::spawn(async move {
             for i in 0..20 {
                 // Each write sets a pair of streams that must appear together.
-                let items = [
-                    item(&format!("{w}-{i}-a"), Some("1")),
-                    item(&format!("{w}-{i}-b"), Some("1")),
-                ];
+                let items = [item(&format!("{w}-{i}-a"), Some("1")), item(&format!("{w}-{i}-b"), Some("1"))];
                 assert_eq!(app.write(&id, &stream_write(&items)).await.0, 200);
             }
         })
@@ -232,10 +181,7 @@ async fn concurrent_writes_all_land_and_readers_never_see_half_a_write() {
                 let names: std::collections::HashSet<String> = state["streamState"]
                     .as_array()
                     .map(|items| {
-                        items
-                            .iter()
-                            .map(|s| s["streamDescriptor"]["name"].as_str().unwrap().to_owned())
-                            .collect()
+                        items.iter().map(|s| s["streamDescriptor"]["name"].as_str().unwrap().to_owned()).collect()
                     })
                     .unwrap_or_default();
                 for name in names.iter().filter(|n| n.ends_with("-a")) {

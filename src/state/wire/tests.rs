@@ -1,9 +1,6 @@
 use super::*;
 
-const LIMITS: DecodeLimits = DecodeLimits {
-    max_depth: 128,
-    max_streams: 1000,
-};
+const LIMITS: DecodeLimits = DecodeLimits { max_depth: 128, max_streams: 1000 };
 const ID: &str = "5b9a7c1e-0f6a-4e1d-9c11-3f0b8d2a4e77";
 
 fn write(state: &str) -> Result<(ConnectionId, StateWrite), DecodeError> {
@@ -11,23 +8,15 @@ fn write(state: &str) -> Result<(ConnectionId, StateWrite), DecodeError> {
     decode_create_or_update(body.as_bytes(), LIMITS)
 }
 
-fn field_errors(
-    result: Result<(ConnectionId, StateWrite), DecodeError>,
-) -> Vec<(String, Option<String>)> {
+fn field_errors(result: Result<(ConnectionId, StateWrite), DecodeError>) -> Vec<(String, Option<String>)> {
     match result {
-        Err(DecodeError::Invalid(errors)) => errors
-            .into_iter()
-            .map(|e| (e.property_path, e.invalid_value))
-            .collect(),
+        Err(DecodeError::Invalid(errors)) => errors.into_iter().map(|e| (e.property_path, e.invalid_value)).collect(),
         other => panic!("expected a schema error, got {other:?}"),
     }
 }
 
 fn stream_key(name: &str, namespace: Option<&str>) -> EntryKey {
-    EntryKey::Stream(StreamDescriptor {
-        name: name.to_owned(),
-        namespace: namespace.map(str::to_owned),
-    })
+    EntryKey::Stream(StreamDescriptor { name: name.to_owned(), namespace: namespace.map(str::to_owned) })
 }
 
 #[test]
@@ -44,18 +33,9 @@ fn a_stream_write_keeps_blobs_as_sent_and_absent_blobs_delete() {
     assert_eq!(
         write.ops,
         vec![
-            EntryOp {
-                key: stream_key("a", Some("public")),
-                blob: Some(Blob::from_json(r#"{"z":1.50,"a":1e3}"#)),
-            },
-            EntryOp {
-                key: stream_key("b", None),
-                blob: None
-            },
-            EntryOp {
-                key: stream_key("c", None),
-                blob: Some(Blob::from_json("null"))
-            },
+            EntryOp { key: stream_key("a", Some("public")), blob: Some(Blob::from_json(r#"{"z":1.50,"a":1e3}"#)) },
+            EntryOp { key: stream_key("b", None), blob: None },
+            EntryOp { key: stream_key("c", None), blob: Some(Blob::from_json("null")) },
         ]
     );
 }
@@ -63,39 +43,19 @@ fn a_stream_write_keeps_blobs_as_sent_and_absent_blobs_delete() {
 #[test]
 fn a_legacy_write_without_state_deletes_the_legacy_blob() {
     let (_, write) = write(r#"{"stateType":"legacy"}"#).unwrap();
-    assert_eq!(
-        write.ops,
-        vec![EntryOp {
-            key: EntryKey::Legacy,
-            blob: None
-        }]
-    );
+    assert_eq!(write.ops, vec![EntryOp { key: EntryKey::Legacy, blob: None }]);
 }
 
 #[test]
 fn a_global_write_accepts_the_camel_case_shared_state_alias() {
-    let (_, write) =
-        write(r#"{"stateType":"global","globalState":{"sharedState":{"x":1}}}"#).unwrap();
-    assert_eq!(
-        write.ops,
-        vec![EntryOp {
-            key: EntryKey::Shared,
-            blob: Some(Blob::from_json(r#"{"x":1}"#))
-        }]
-    );
+    let (_, write) = write(r#"{"stateType":"global","globalState":{"sharedState":{"x":1}}}"#).unwrap();
+    assert_eq!(write.ops, vec![EntryOp { key: EntryKey::Shared, blob: Some(Blob::from_json(r#"{"x":1}"#)) }]);
 }
 
 #[test]
 fn a_global_write_without_shared_state_deletes_it() {
-    let (_, write) =
-        write(r#"{"stateType":"global","globalState":{"streamStates":null}}"#).unwrap();
-    assert_eq!(
-        write.ops,
-        vec![EntryOp {
-            key: EntryKey::Shared,
-            blob: None
-        }]
-    );
+    let (_, write) = write(r#"{"stateType":"global","globalState":{"streamStates":null}}"#).unwrap();
+    assert_eq!(write.ops, vec![EntryOp { key: EntryKey::Shared, blob: None }]);
 }
 
 #[test]
@@ -103,13 +63,7 @@ fn both_spellings_of_shared_state_are_refused() {
     let errors = field_errors(write(
         r#"{"stateType":"global","globalState":{"shared_state":1,"sharedState":2,"streamStates":[]}}"#,
     ));
-    assert_eq!(
-        errors,
-        vec![(
-            "connectionState.globalState.sharedState".to_owned(),
-            Some("2".to_owned())
-        )]
-    );
+    assert_eq!(errors, vec![("connectionState.globalState.sharedState".to_owned(), Some("2".to_owned()))]);
 }
 
 #[test]
@@ -131,20 +85,14 @@ fn the_same_stream_twice_is_refused_with_both_places_named() {
     let Err(DecodeError::Invalid(errors)) = result else {
         panic!("expected a schema error");
     };
-    assert_eq!(
-        errors[0].property_path,
-        "connectionState.streamState[1].streamDescriptor"
-    );
-    assert!(errors[0]
-        .message
-        .contains("connectionState.streamState[0].streamDescriptor"));
+    assert_eq!(errors[0].property_path, "connectionState.streamState[1].streamDescriptor");
+    assert!(errors[0].message.contains("connectionState.streamState[0].streamDescriptor"));
 }
 
 #[test]
 fn a_repeated_member_outside_a_blob_is_refused() {
     let body = format!(r#"{{"connectionId":"{ID}","connectionId":"{ID}"}}"#);
-    let Err(DecodeError::Invalid(errors)) = decode_connection_id_request(body.as_bytes(), LIMITS)
-    else {
+    let Err(DecodeError::Invalid(errors)) = decode_connection_id_request(body.as_bytes(), LIMITS) else {
         panic!("expected a schema error");
     };
     assert_eq!(errors[0].property_path, "connectionId");
@@ -167,22 +115,10 @@ fn schema_errors_name_every_bad_field() {
     assert_eq!(
         errors,
         vec![
-            (
-                "connectionState.streamState[0].streamDescriptor".to_owned(),
-                None
-            ),
-            (
-                "connectionState.streamState[1].streamDescriptor.name".to_owned(),
-                Some("7".to_owned())
-            ),
-            (
-                "connectionState.streamState[1].streamDescriptor.namespace".to_owned(),
-                Some("false".to_owned())
-            ),
-            (
-                "connectionState.streamState[2]".to_owned(),
-                Some("nope".to_owned())
-            ),
+            ("connectionState.streamState[0].streamDescriptor".to_owned(), None),
+            ("connectionState.streamState[1].streamDescriptor.name".to_owned(), Some("7".to_owned())),
+            ("connectionState.streamState[1].streamDescriptor.namespace".to_owned(), Some("false".to_owned())),
+            ("connectionState.streamState[2]".to_owned(), Some("nope".to_owned())),
         ]
     );
 }
@@ -198,13 +134,7 @@ fn state_types_are_exact_lower_case() {
 #[test]
 fn not_set_cannot_be_written() {
     let errors = field_errors(write(r#"{"stateType":"not_set"}"#));
-    assert_eq!(
-        errors,
-        vec![(
-            "connectionState.stateType".to_owned(),
-            Some("not_set".to_owned())
-        )]
-    );
+    assert_eq!(errors, vec![("connectionState.stateType".to_owned(), Some("not_set".to_owned()))]);
 }
 
 #[test]
@@ -218,10 +148,7 @@ fn a_missing_connection_id_and_state_are_both_reported() {
 fn a_body_that_is_not_json_is_a_syntax_error() {
     for body in [&b"{"[..], b"", b"{\"a\":1}x", b"\xff\xfe", b"nul"] {
         let result = decode_connection_id_request(body, LIMITS);
-        assert!(
-            matches!(result, Err(DecodeError::Syntax(_))),
-            "{body:?}: {result:?}"
-        );
+        assert!(matches!(result, Err(DecodeError::Syntax(_))), "{body:?}: {result:?}");
     }
 }
 
@@ -248,34 +175,21 @@ fn a_deep_blob_is_refused_before_parsing() {
 #[test]
 fn a_depth_above_serde_jsons_default_can_be_configured() {
     let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
-    let body = format!(
-        r#"{{"connectionId":"{ID}","connectionState":{{"stateType":"legacy","state":{deep}}}}}"#
-    );
-    let limits = DecodeLimits {
-        max_depth: 300,
-        ..LIMITS
-    };
+    let body = format!(r#"{{"connectionId":"{ID}","connectionState":{{"stateType":"legacy","state":{deep}}}}}"#);
+    let limits = DecodeLimits { max_depth: 300, ..LIMITS };
     assert!(decode_create_or_update(body.as_bytes(), limits).is_ok());
 }
 
 #[test]
 fn too_many_streams_are_refused() {
-    let items: Vec<String> = (0..3)
-        .map(|i| format!(r#"{{"streamDescriptor":{{"name":"s{i}"}}}}"#))
-        .collect();
+    let items: Vec<String> = (0..3).map(|i| format!(r#"{{"streamDescriptor":{{"name":"s{i}"}}}}"#)).collect();
     let body = format!(
         r#"{{"connectionId":"{ID}","connectionState":{{"stateType":"stream","streamState":[{}]}}}}"#,
         items.join(",")
     );
-    let limits = DecodeLimits {
-        max_streams: 2,
-        ..LIMITS
-    };
+    let limits = DecodeLimits { max_streams: 2, ..LIMITS };
     let result = decode_create_or_update(body.as_bytes(), limits);
-    assert_eq!(
-        result.unwrap_err(),
-        DecodeError::TooManyStreams { count: 3, limit: 2 }
-    );
+    assert_eq!(result.unwrap_err(), DecodeError::TooManyStreams { count: 3, limit: 2 });
 }
 
 #[test]
@@ -293,18 +207,12 @@ fn states_render_in_the_documented_field_order() {
     let expected = format!(
         r#"{{"stateType":"global","connectionId":"{ID}","globalState":{{"shared_state":null,"streamStates":[{{"streamDescriptor":{{"name":"b","namespace":"ns"}},"streamState":{{"c":1}}}},{{"streamDescriptor":{{"name":"a\""}},"streamState":2}}]}}}}"#
     );
-    assert_eq!(
-        String::from_utf8(render_state(id, &state)).unwrap(),
-        expected
-    );
+    assert_eq!(String::from_utf8(render_state(id, &state)).unwrap(), expected);
 }
 
 #[test]
 fn an_empty_state_renders_as_not_set() {
     let id = ConnectionId::parse(ID).unwrap();
     let text = String::from_utf8(render_state(id, &StoredState::default())).unwrap();
-    assert_eq!(
-        text,
-        format!(r#"{{"stateType":"not_set","connectionId":"{ID}"}}"#)
-    );
+    assert_eq!(text, format!(r#"{{"stateType":"not_set","connectionId":"{ID}"}}"#));
 }

@@ -49,15 +49,12 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens the file, creating and migrating it when needed, and starts the
     /// writer thread. Blocks; call it off the async runtime.
-    pub fn open(path: &Path) -> Result<Self, OpenError> {
-        let writer = schema::open_writer(path)?;
+    pub fn open(path: &Path, migrate: bool) -> Result<Self, OpenError> {
+        let writer = schema::open_writer(path, migrate)?;
         let readers = (0..READERS)
             .map(|_| schema::open_reader(path))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| OpenError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
+            .map_err(|source| OpenError::Open { path: path.display().to_string(), source })?;
         let (writes, queue) = mpsc::channel(QUEUE_DEPTH);
         thread::Builder::new()
             .name("highwater-sqlite-writer".to_owned())
@@ -91,10 +88,8 @@ impl SqliteStore {
         };
         let (conn, result) = tokio::task::spawn_blocking(move || {
             let mut conn = conn;
-            let result = conn
-                .transaction_with_behavior(TransactionBehavior::Deferred)
-                .map_err(classify)
-                .and_then(|tx| f(&tx));
+            let result =
+                conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(classify).and_then(|tx| f(&tx));
             (conn, result)
         })
         .await
@@ -107,31 +102,22 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn read(&self, id: ConnectionId) -> Result<StoredState, StoreError> {
-        self.with_reader(move |conn| queries::read_state(conn, id))
-            .await
+        self.with_reader(move |conn| queries::read_state(conn, id)).await
     }
 
     async fn write(&self, id: ConnectionId, write: StateWrite) -> Result<StoredState, StoreError> {
         let (reply, answer) = oneshot::channel();
         let stopped = || StoreError::Unavailable("the SQLite writer has stopped".to_owned());
-        self.writes
-            .send(WriteJob { id, write, reply })
-            .await
-            .map_err(|_| stopped())?;
+        self.writes.send(WriteJob { id, write, reply }).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         if self.writes.is_closed() {
-            return Err(StoreError::Unavailable(
-                "the SQLite writer has stopped".to_owned(),
-            ));
+            return Err(StoreError::Unavailable("the SQLite writer has stopped".to_owned()));
         }
-        self.with_reader(|conn| {
-            conn.query_row("SELECT count(*) FROM connections", [], |_| Ok(()))
-                .map_err(classify)
-        })
-        .await
+        self.with_reader(|conn| conn.query_row("SELECT count(*) FROM connections", [], |_| Ok(())).map_err(classify))
+            .await
     }
 }
 
@@ -161,8 +147,7 @@ fn commit_group(conn: &mut Connection, group: Vec<WriteJob>) {
             return;
         }
     };
-    let mut answers: Vec<(Reply, Result<StoredState, StoreError>)> =
-        Vec::with_capacity(group.len());
+    let mut answers: Vec<(Reply, Result<StoredState, StoreError>)> = Vec::with_capacity(group.len());
     for job in group {
         let result = tx.savepoint().map_err(classify).and_then(|savepoint| {
             let state = queries::apply_write(&savepoint, job.id, &job.write)?;

@@ -1,12 +1,13 @@
 //! The SQL of reading and writing one connection's state. Every function
 //! runs inside a transaction its caller holds.
 
+use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::classify;
-use crate::state::{plan_write, Blob, ConnectionId, EntryKey, StateType, StateWrite, StoredState};
+use crate::state::{changes, plan_write, Blob, Change, ConnectionId, EntryKey, StateType, StateWrite, StoredState};
 use crate::store::StoreError;
 
 /// Reads the whole current state of a connection.
@@ -23,51 +24,34 @@ pub fn read_state(conn: &Connection, id: ConnectionId) -> Result<StoredState, St
              WHERE e.connection_id = ?1 ORDER BY e.seq",
         )
         .map_err(classify)?;
-    let rows = stmt
-        .query_map([&id_text], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
-        })
-        .map_err(classify)?;
+    let rows =
+        stmt.query_map([&id_text], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))).map_err(classify)?;
     let mut entries = Vec::new();
     for row in rows {
         let (key, blob) = row.map_err(classify)?;
-        let key = EntryKey::decode(&key).ok_or_else(|| {
-            StoreError::Internal(format!("undecodable entry key {key:?} for {id}"))
-        })?;
+        let key = EntryKey::decode(&key)
+            .ok_or_else(|| StoreError::Internal(format!("undecodable entry key {key:?} for {id}")))?;
         entries.push((key, Blob::from_stored(blob)));
     }
-    Ok(StoredState {
-        state_type,
-        revision,
-        entries,
-    })
+    Ok(StoredState { state_type, revision, entries })
 }
 
 /// Applies a write: type rules, then each op that really changes something,
 /// all recorded under the connection's next revision. Returns the new state.
-pub fn apply_write(
-    conn: &Connection,
-    id: ConnectionId,
-    write: &StateWrite,
-) -> Result<StoredState, StoreError> {
+pub fn apply_write(conn: &Connection, id: ConnectionId, write: &StateWrite) -> Result<StoredState, StoreError> {
     let id_text = id.to_string();
     let current = header(conn, &id_text)?;
     let (stored_type, revision) = current.unwrap_or((None, 0));
     let ops = plan_write(stored_type, write)?;
 
-    let mut changed = Vec::new();
+    let mut stored = HashMap::with_capacity(ops.len());
     for op in &ops {
         let key = op.key.encode();
-        let old = current_blob(conn, &id_text, &key)?;
-        let differs = match (&old, &op.blob) {
-            (None, None) => false,
-            (Some(old), Some(new)) => old != new.as_str(),
-            _ => true,
-        };
-        if differs {
-            changed.push((key, op.blob.as_ref(), old.is_some()));
+        if let Some(blob) = current_blob(conn, &id_text, &key)? {
+            stored.insert(key, blob);
         }
     }
+    let changed = changes(&ops, &stored);
     if changed.is_empty() {
         return read_state(conn, id);
     }
@@ -78,8 +62,8 @@ pub fn apply_write(
         .and_then(|mut s| s.query_row([&id_text], |r| r.get(0)).optional())
         .map_err(classify)?
         .unwrap_or(0);
-    for (key, blob, existed) in changed {
-        record_change(conn, &id_text, revision, &key, blob, existed, &mut next_seq)?;
+    for change in changed {
+        record_change(conn, &id_text, revision, &change, &mut next_seq)?;
     }
     let remaining: bool = conn
         .prepare_cached("SELECT EXISTS (SELECT 1 FROM entries WHERE connection_id = ?1)")
@@ -104,18 +88,17 @@ fn record_change(
     conn: &Connection,
     id: &str,
     revision: u64,
-    key: &str,
-    blob: Option<&Blob>,
-    existed: bool,
+    change: &Change<'_>,
     next_seq: &mut i64,
 ) -> Result<(), StoreError> {
+    let (key, blob) = (change.key.as_str(), change.blob);
     let revision = revision as i64;
     exec(
         conn,
         "INSERT INTO changes (connection_id, revision, entry_key, blob) VALUES (?1, ?2, ?3, ?4)",
         params![id, revision, key, blob.map(Blob::as_str)],
     )?;
-    match (blob.is_some(), existed) {
+    match (blob.is_some(), change.existed) {
         (true, true) => exec(
             conn,
             "UPDATE entries SET revision = ?3 WHERE connection_id = ?1 AND entry_key = ?2",
@@ -130,40 +113,29 @@ fn record_change(
                 params![id, key, revision, seq],
             )
         }
-        (false, _) => exec(
-            conn,
-            "DELETE FROM entries WHERE connection_id = ?1 AND entry_key = ?2",
-            params![id, key],
-        ),
+        (false, _) => exec(conn, "DELETE FROM entries WHERE connection_id = ?1 AND entry_key = ?2", params![id, key]),
     }
 }
 
 fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<(), StoreError> {
-    conn.prepare_cached(sql)
-        .and_then(|mut stmt| stmt.execute(params))
-        .map(drop)
-        .map_err(classify)
+    conn.prepare_cached(sql).and_then(|mut stmt| stmt.execute(params)).map(drop).map_err(classify)
 }
 
 /// The stored type and revision, or `None` for a connection never written.
 fn header(conn: &Connection, id: &str) -> Result<Option<(Option<StateType>, u64)>, StoreError> {
     let row = conn
         .prepare_cached("SELECT state_type, revision FROM connections WHERE connection_id = ?1")
-        .and_then(|mut s| {
-            s.query_row([id], |r| {
-                Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)?))
-            })
-            .optional()
-        })
+        .and_then(|mut s| s.query_row([id], |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)?))).optional())
         .map_err(classify)?;
     let Some((state_type, revision)) = row else {
         return Ok(None);
     };
     let state_type = match state_type {
         None => None,
-        Some(text) => Some(StateType::parse(&text).ok_or_else(|| {
-            StoreError::Internal(format!("unknown state type {text:?} for {id}"))
-        })?),
+        Some(text) => Some(
+            StateType::parse(&text)
+                .ok_or_else(|| StoreError::Internal(format!("unknown state type {text:?} for {id}")))?,
+        ),
     };
     Ok(Some((state_type, revision as u64)))
 }
@@ -180,7 +152,5 @@ fn current_blob(conn: &Connection, id: &str, key: &str) -> Result<Option<String>
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

@@ -16,10 +16,7 @@ const MIGRATIONS: &[&str] = &[include_str!("../../../migrations/sqlite/0001_init
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("cannot open the SQLite database {path}: {source}")]
-    Open {
-        path: String,
-        source: rusqlite::Error,
-    },
+    Open { path: String, source: rusqlite::Error },
     #[error(
         "{path} is not a Highwater database (it is not SQLite, or it holds other data); \
          refusing to touch it. Point --database-url at a new or Highwater file"
@@ -29,45 +26,33 @@ pub enum OpenError {
         "{path} has schema version {found}, newer than this Highwater understands ({known}); \
          upgrade Highwater"
     )]
-    TooNew {
-        path: String,
-        found: i64,
-        known: usize,
-    },
+    TooNew { path: String, found: i64, known: usize },
+    #[error(
+        "{path} has schema version {found} but this Highwater needs {known}; \
+         run `highwater migrate` or start without --migrate false"
+    )]
+    TooOld { path: String, found: i64, known: usize },
     #[error("cannot start the SQLite writer thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot prepare the SQLite database {path}: {source}")]
-    Setup {
-        path: String,
-        source: rusqlite::Error,
-    },
+    Setup { path: String, source: rusqlite::Error },
 }
 
 /// Opens the writer connection, checks the file is Highwater's and applies
 /// pending migrations.
-pub fn open_writer(path: &Path) -> Result<Connection, OpenError> {
+pub fn open_writer(path: &Path, apply: bool) -> Result<Connection, OpenError> {
     let shown = path.display().to_string();
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-        | OpenFlags::SQLITE_OPEN_CREATE
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let mut conn = Connection::open_with_flags(path, flags).map_err(|source| OpenError::Open {
-        path: shown.clone(),
-        source,
-    })?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn =
+        Connection::open_with_flags(path, flags).map_err(|source| OpenError::Open { path: shown.clone(), source })?;
     check_ownership(&conn, &shown)?;
-    let setup = |source| OpenError::Setup {
-        path: shown.clone(),
-        source,
-    };
+    let setup = |source| OpenError::Setup { path: shown.clone(), source };
     // WAL lets readers proceed beside the writer; FULL syncs the WAL on every
     // commit, so an acknowledged write survives a power cut.
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(setup)?;
-    conn.pragma_update(None, "synchronous", "FULL")
-        .map_err(setup)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))
-        .map_err(setup)?;
-    migrate(&mut conn, &shown)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(setup)?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(setup)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(setup)?;
+    migrate(&mut conn, &shown, apply)?;
     Ok(conn)
 }
 
@@ -82,51 +67,36 @@ pub fn open_reader(path: &Path) -> Result<Connection, rusqlite::Error> {
 /// Refuses files that are not SQLite, or SQLite files that hold someone
 /// else's tables, before anything is written to them.
 fn check_ownership(conn: &Connection, path: &str) -> Result<(), OpenError> {
-    let foreign = || OpenError::Foreign {
-        path: path.to_owned(),
-    };
-    let app_id: i64 = conn
-        .pragma_query_value(None, "application_id", |row| row.get(0))
-        .map_err(|_| foreign())?;
+    let foreign = || OpenError::Foreign { path: path.to_owned() };
+    let app_id: i64 = conn.pragma_query_value(None, "application_id", |row| row.get(0)).map_err(|_| foreign())?;
     if app_id == APPLICATION_ID {
         return Ok(());
     }
-    let objects: i64 = conn
-        .query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))
-        .map_err(|_| foreign())?;
+    let objects: i64 =
+        conn.query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0)).map_err(|_| foreign())?;
     if app_id == 0 && objects == 0 {
         return Ok(());
     }
     Err(foreign())
 }
 
-fn migrate(conn: &mut Connection, path: &str) -> Result<(), OpenError> {
-    let setup = |source| OpenError::Setup {
-        path: path.to_owned(),
-        source,
-    };
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(setup)?;
-    let version: i64 = tx
-        .pragma_query_value(None, "user_version", |row| row.get(0))
-        .map_err(setup)?;
+fn migrate(conn: &mut Connection, path: &str, apply: bool) -> Result<(), OpenError> {
+    let setup = |source| OpenError::Setup { path: path.to_owned(), source };
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(setup)?;
+    let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(setup)?;
     let known = MIGRATIONS.len();
     if version > known as i64 {
-        return Err(OpenError::TooNew {
-            path: path.to_owned(),
-            found: version,
-            known,
-        });
+        return Err(OpenError::TooNew { path: path.to_owned(), found: version, known });
+    }
+    if version < known as i64 && !apply {
+        return Err(OpenError::TooOld { path: path.to_owned(), found: version, known });
     }
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         tx.execute_batch(sql).map_err(setup)?;
-        tx.pragma_update(None, "user_version", (index + 1) as i64)
-            .map_err(setup)?;
+        tx.pragma_update(None, "user_version", (index + 1) as i64).map_err(setup)?;
         tracing::info!(path, version = index + 1, "applied SQLite migration");
     }
-    tx.pragma_update(None, "application_id", APPLICATION_ID)
-        .map_err(setup)?;
+    tx.pragma_update(None, "application_id", APPLICATION_ID).map_err(setup)?;
     tx.commit().map_err(setup)
 }
 
@@ -138,14 +108,12 @@ mod tests {
     fn a_new_file_is_created_and_migrated() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hw.db");
-        let conn = open_writer(&path).unwrap();
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
+        let conn = open_writer(&path, true).unwrap();
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
         drop(conn);
         // Opening again applies nothing and succeeds.
-        open_writer(&path).unwrap();
+        open_writer(&path, true).unwrap();
     }
 
     #[test]
@@ -154,7 +122,7 @@ mod tests {
         let path = dir.path().join("notes.txt");
         let text = "not a database, but important to someone ".repeat(100);
         std::fs::write(&path, &text).unwrap();
-        assert!(matches!(open_writer(&path), Err(OpenError::Foreign { .. })));
+        assert!(matches!(open_writer(&path, true), Err(OpenError::Foreign { .. })));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
     }
 
@@ -162,23 +130,17 @@ mod tests {
     fn another_programs_sqlite_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("other.db");
-        Connection::open(&path)
-            .unwrap()
-            .execute_batch("CREATE TABLE t (x)")
-            .unwrap();
-        assert!(matches!(open_writer(&path), Err(OpenError::Foreign { .. })));
+        Connection::open(&path).unwrap().execute_batch("CREATE TABLE t (x)").unwrap();
+        assert!(matches!(open_writer(&path, true), Err(OpenError::Foreign { .. })));
     }
 
     #[test]
     fn a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hw.db");
-        let conn = open_writer(&path).unwrap();
+        let conn = open_writer(&path, true).unwrap();
         conn.pragma_update(None, "user_version", 99).unwrap();
         drop(conn);
-        assert!(matches!(
-            open_writer(&path),
-            Err(OpenError::TooNew { found: 99, .. })
-        ));
+        assert!(matches!(open_writer(&path, true), Err(OpenError::TooNew { found: 99, .. })));
     }
 }

@@ -1,0 +1,149 @@
+//! The PostgreSQL backend, for many stateless nodes on one database.
+//!
+//! Writes to one connection are serialised across nodes by a
+//! transaction-scoped advisory lock keyed by the connection id, taken before
+//! the stored type and revision are read; the revision number therefore
+//! advances by exactly one per changing write, whichever node takes it.
+//! Inside a node, writes to the same connection queue on an in-process lock
+//! first, so they never hold more than one pooled connection while waiting
+//! and writes to other connections are not starved of the pool. Reads are a
+//! single statement, hence a single snapshot.
+
+mod keyed_lock;
+mod queries;
+mod schema;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+pub use schema::SchemaError;
+
+use super::{Store, StoreError};
+use crate::state::{ConnectionId, StateWrite, StoredState};
+use keyed_lock::KeyedLock;
+
+/// Connection settings of the PostgreSQL backend.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// Most connections one node keeps open.
+    pub pool_size: usize,
+    /// How long to wait for a connection (new or pooled) before answering
+    /// 503.
+    pub connect_timeout: Duration,
+    /// Apply pending migrations at start-up.
+    pub migrate: bool,
+}
+
+/// Why the PostgreSQL store cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("invalid PostgreSQL URL: {0}")]
+    Url(tokio_postgres::Error),
+    #[error("cannot build the connection pool: {0}")]
+    Pool(String),
+    #[error("cannot reach PostgreSQL: {0}")]
+    Connect(StoreError),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+}
+
+/// A [`Store`] on a PostgreSQL database.
+pub struct PostgresStore {
+    pool: Pool,
+    writers: KeyedLock<ConnectionId>,
+}
+
+impl PostgresStore {
+    /// Connects, migrates (unless told not to) and checks the schema.
+    pub async fn open(url: &str, options: &PostgresOptions) -> Result<Self, OpenError> {
+        let mut config: tokio_postgres::Config = url.parse().map_err(OpenError::Url)?;
+        config.connect_timeout(options.connect_timeout);
+        if config.get_application_name().is_none() {
+            config.application_name("highwater");
+        }
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(options.connect_timeout))
+            .create_timeout(Some(options.connect_timeout))
+            .recycle_timeout(Some(options.connect_timeout))
+            .build()
+            .map_err(|e| OpenError::Pool(e.to_string()))?;
+        let mut client = pool.get().await.map_err(|e| OpenError::Connect(pool_error(e)))?;
+        schema::prepare(&mut client, options.migrate).await?;
+        drop(client);
+        Ok(Self { pool, writers: KeyedLock::default() })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn read(&self, id: ConnectionId) -> Result<StoredState, StoreError> {
+        let client = self.client().await?;
+        queries::read_state(&client, id).await
+    }
+
+    async fn write(&self, id: ConnectionId, write: StateWrite) -> Result<StoredState, StoreError> {
+        let _queued = self.writers.lock(id).await;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(classify)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(id)]).await.map_err(classify)?;
+        let state = queries::apply_write(&tx, id, &write).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(state)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client.simple_query("SELECT 1").await.map(drop).map_err(classify)
+    }
+}
+
+/// The advisory-lock key of a connection: its 128 bits folded to 64.
+fn lock_key(id: ConnectionId) -> i64 {
+    let bits = id.as_u128();
+    ((bits >> 64) as u64 ^ bits as u64) as i64
+}
+
+fn pool_error(error: PoolError) -> StoreError {
+    match error {
+        PoolError::Backend(error) => classify(error),
+        PoolError::Timeout(kind) => {
+            StoreError::Unavailable(format!("no PostgreSQL connection within the timeout ({kind:?})"))
+        }
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+/// Classifies a PostgreSQL error once, for every caller.
+fn classify(error: tokio_postgres::Error) -> StoreError {
+    let Some(db) = error.as_db_error() else {
+        // No server answer: the connection broke, timed out or was refused.
+        return StoreError::Unavailable(error.to_string());
+    };
+    let code = db.code();
+    if *code == SqlState::DISK_FULL || *code == SqlState::OUT_OF_MEMORY {
+        return StoreError::Full(error.to_string());
+    }
+    let transient = code.code().starts_with("08") // connection exceptions
+        || code.code().starts_with("57P") // operator intervention: shutdown, cannot connect now
+        || code.code().starts_with("53") // insufficient resources
+        || *code == SqlState::T_R_SERIALIZATION_FAILURE
+        || *code == SqlState::T_R_DEADLOCK_DETECTED
+        || *code == SqlState::READ_ONLY_SQL_TRANSACTION
+        || *code == SqlState::LOCK_NOT_AVAILABLE;
+    if transient {
+        StoreError::Unavailable(error.to_string())
+    } else {
+        StoreError::Internal(error.to_string())
+    }
+}
