@@ -1,10 +1,10 @@
 //! Crash test: concurrent writers against a server that is killed with
-//! SIGKILL and restarted on the same SQLite file, over and over. Every write
+//! SIGKILL and restarted on the same `SQLite` file, over and over. Every write
 //! the server acknowledged (200) must survive with exactly its value, no
-//! multi-stream write may be half applied, and the file must pass SQLite's
+//! multi-stream write may be half applied, and the file must pass `SQLite`'s
 //! integrity check at the end.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -39,7 +39,7 @@ type Notable = Arc<Mutex<Vec<String>>>;
 struct Server {
     child: Child,
     base: String,
-    drain: JoinHandle<()>,
+    drain: Option<JoinHandle<()>>,
 }
 
 impl Server {
@@ -71,11 +71,7 @@ impl Server {
             thread::spawn(move || drain_stderr(stderr, &address_tx, &tail, &notable))
         };
         match address_rx.recv_timeout(STARTUP_TIMEOUT) {
-            Ok(address) => Server {
-                child,
-                base: format!("http://{address}"),
-                drain,
-            },
+            Ok(address) => Server { child, base: format!("http://{address}"), drain: Some(drain) },
             Err(error) => {
                 let _ = child.kill();
                 let status = child.wait();
@@ -94,7 +90,17 @@ impl Server {
     fn kill(mut self) {
         self.child.kill().expect("kill highwater");
         self.child.wait().expect("wait for highwater");
-        self.drain.join().expect("stderr reader thread");
+        if let Some(drain) = self.drain.take() {
+            drain.join().expect("stderr reader thread");
+        }
+    }
+}
+
+/// A failing test must not leave a server running.
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -180,10 +186,7 @@ struct Shared {
 
 fn stream_names(writer: usize, seq: u64) -> Vec<String> {
     if seq % MULTI_EVERY == 0 {
-        MULTI_SUFFIXES
-            .iter()
-            .map(|suffix| format!("w{writer}-{seq}-{suffix}"))
-            .collect()
+        MULTI_SUFFIXES.iter().map(|suffix| format!("w{writer}-{seq}-{suffix}")).collect()
     } else {
         vec![format!("w{writer}-{seq}")]
     }
@@ -191,20 +194,14 @@ fn stream_names(writer: usize, seq: u64) -> Vec<String> {
 
 /// Sends writes until told to stop; each write is sent once and recorded as
 /// acknowledged only on a 200.
-async fn writer(
-    writer: usize,
-    connections: Vec<(usize, String)>,
-    shared: Arc<Shared>,
-) -> Vec<WriteRecord> {
-    let client = reqwest::Client::builder()
-        .timeout(CLIENT_TIMEOUT)
-        .build()
-        .expect("build HTTP client");
+async fn writer(writer: usize, connections: Vec<(usize, String)>, shared: Arc<Shared>) -> Vec<WriteRecord> {
+    let client = reqwest::Client::builder().timeout(CLIENT_TIMEOUT).build().expect("build HTTP client");
     let mut records = Vec::new();
     let mut seq = 0u64;
     while !shared.stop.load(Ordering::SeqCst) {
         seq += 1;
-        let (connection, connection_id) = &connections[seq as usize % connections.len()];
+        let (connection, connection_id) =
+            &connections[usize::try_from(seq).expect("seq fits usize") % connections.len()];
         let streams = stream_names(writer, seq);
         let body = json!({
             "connectionId": connection_id,
@@ -220,11 +217,7 @@ async fn writer(
             },
         });
         let base = shared.base.read().expect("base lock").clone();
-        let answer = client
-            .post(format!("{base}/api/v1/state/create_or_update"))
-            .json(&body)
-            .send()
-            .await;
+        let answer = client.post(format!("{base}/api/v1/state/create_or_update")).json(&body).send().await;
         // The status line is the acknowledgement: the server sends it only
         // after the commit, so the body need not arrive for the write to count.
         let acked = match answer {
@@ -233,12 +226,7 @@ async fn writer(
                 true
             }
             Ok(response) => {
-                *shared
-                    .statuses
-                    .lock()
-                    .expect("statuses lock")
-                    .entry(response.status().as_u16())
-                    .or_default() += 1;
+                *shared.statuses.lock().expect("statuses lock").entry(response.status().as_u16()).or_default() += 1;
                 false
             }
             Err(_) => false,
@@ -248,12 +236,7 @@ async fn writer(
         } else {
             shared.unacked.fetch_add(1, Ordering::SeqCst);
         }
-        records.push(WriteRecord {
-            connection: *connection,
-            seq,
-            streams,
-            acked,
-        });
+        records.push(WriteRecord { connection: *connection, seq, streams, acked });
         if !acked {
             tokio::time::sleep(ERROR_BACKOFF).await;
         }
@@ -262,11 +245,7 @@ async fn writer(
 }
 
 /// Reads a connection's streams as name → blob.
-async fn read_streams(
-    client: &reqwest::Client,
-    base: &str,
-    connection_id: &str,
-) -> HashMap<String, Value> {
+async fn read_streams(client: &reqwest::Client, base: &str, connection_id: &str) -> HashMap<String, Value> {
     let response = client
         .post(format!("{base}/api/v1/state/get"))
         .json(&json!({ "connectionId": connection_id }))
@@ -284,10 +263,7 @@ async fn read_streams(
     }
     assert_eq!(state["stateType"], "stream", "state of {connection_id}");
     for item in state["streamState"].as_array().expect("streamState array") {
-        let name = item["streamDescriptor"]["name"]
-            .as_str()
-            .expect("stream name")
-            .to_owned();
+        let name = item["streamDescriptor"]["name"].as_str().expect("stream name").to_owned();
         let previous = streams.insert(name.clone(), item["streamState"].clone());
         assert!(previous.is_none(), "stream {name} listed twice");
     }
@@ -296,9 +272,7 @@ async fn read_streams(
 
 fn integrity_check(db_path: &Path) -> String {
     let conn = rusqlite::Connection::open(db_path).expect("open the database after the run");
-    let mut statement = conn
-        .prepare("PRAGMA integrity_check")
-        .expect("prepare integrity_check");
+    let mut statement = conn.prepare("PRAGMA integrity_check").expect("prepare integrity_check");
     let rows = statement
         .query_map([], |row| row.get::<_, String>(0))
         .expect("run integrity_check")
@@ -307,95 +281,19 @@ fn integrity_check(db_path: &Path) -> String {
     rows.join("\n")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn acknowledged_writes_survive_repeated_sigkill() {
-    let started = Instant::now();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db_path = dir.path().join("crash.db");
-    let db_url = format!("sqlite://{}", db_path.display());
-    let notable: Notable = Arc::default();
-
-    let seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_nanos() as u64
-        | 1;
-    let mut rng = XorShift(seed);
-
-    let server = {
-        let (db_url, notable) = (db_url.clone(), Arc::clone(&notable));
-        tokio::task::spawn_blocking(move || Server::start(&db_url, &notable))
-            .await
-            .expect("start the first server")
-    };
-    let shared = Arc::new(Shared {
-        base: RwLock::new(server.base.clone()),
-        stop: AtomicBool::new(false),
-        acked: AtomicU64::new(0),
-        unacked: AtomicU64::new(0),
-        statuses: Mutex::default(),
-    });
-
-    let connection_ids: Vec<String> = (0..WRITERS * CONNECTIONS_PER_WRITER)
-        .map(|_| uuid::Uuid::new_v4().to_string())
-        .collect();
-    let writers: Vec<_> = (0..WRITERS)
-        .map(|w| {
-            let connections = (0..CONNECTIONS_PER_WRITER)
-                .map(|c| {
-                    let index = w * CONNECTIONS_PER_WRITER + c;
-                    (index, connection_ids[index].clone())
-                })
-                .collect();
-            tokio::spawn(writer(w, connections, Arc::clone(&shared)))
-        })
-        .collect();
-
-    // The killer: let the server run a moment, SIGKILL it, restart it on the
-    // same file, publish its new address.
-    let mut server = Some(server);
-    let mut acked_per_cycle = Vec::with_capacity(CYCLES);
-    let mut acked_before = 0;
-    for _ in 0..CYCLES {
-        tokio::time::sleep(Duration::from_millis(rng.between(UPTIME_MS.0, UPTIME_MS.1))).await;
-        let running = server.take().expect("a running server");
-        let (db_url, notable) = (db_url.clone(), Arc::clone(&notable));
-        let restarted = tokio::task::spawn_blocking(move || {
-            running.kill();
-            Server::start(&db_url, &notable)
-        })
-        .await
-        .expect("kill and restart the server");
-        let acked_now = shared.acked.load(Ordering::SeqCst);
-        acked_per_cycle.push(acked_now - acked_before);
-        acked_before = acked_now;
-        *shared.base.write().expect("base lock") = restarted.base.clone();
-        server = Some(restarted);
-    }
-    // A last stretch of uptime, so writes also land on the final server.
-    tokio::time::sleep(Duration::from_millis(rng.between(UPTIME_MS.0, UPTIME_MS.1))).await;
-    shared.stop.store(true, Ordering::SeqCst);
-    let mut records = Vec::new();
-    for handle in writers {
-        records.extend(handle.await.expect("writer task"));
-    }
-    let server = server.expect("the final server");
-
-    // Check every connection on the final server.
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("build HTTP client");
-    let mut states = Vec::new();
-    for connection_id in &connection_ids {
-        states.push(read_streams(&client, &server.base, connection_id).await);
-    }
-
+/// Compares what the final server holds with what was written: every
+/// acknowledged write present with its value, no write half applied, no
+/// stream that nobody wrote. Returns the violations and how many
+/// unacknowledged writes were applied anyway.
+fn check_writes(
+    records: &[WriteRecord],
+    states: &[HashMap<String, Value>],
+    connection_ids: &[String],
+) -> (Vec<String>, u64) {
     let mut violations = Vec::new();
-    let mut expected_names: Vec<std::collections::HashSet<&str>> =
-        vec![Default::default(); connection_ids.len()];
+    let mut expected_names: Vec<HashSet<&str>> = vec![HashSet::new(); connection_ids.len()];
     let mut unacked_but_applied = 0u64;
-    for record in &records {
+    for record in records {
         let state = &states[record.connection];
         let expected = json!({ "seq": record.seq });
         let mut present = 0;
@@ -425,11 +323,7 @@ async fn acknowledged_writes_survive_repeated_sigkill() {
                 if record.acked { "acked" } else { "unacked" },
                 connection_ids[record.connection],
                 record.streams.len(),
-                record
-                    .streams
-                    .iter()
-                    .filter(|name| state.contains_key(*name))
-                    .collect::<Vec<_>>()
+                record.streams.iter().filter(|name| state.contains_key(*name)).collect::<Vec<_>>()
             ));
         }
         if !record.acked && present == record.streams.len() {
@@ -439,13 +333,92 @@ async fn acknowledged_writes_survive_repeated_sigkill() {
     for (index, state) in states.iter().enumerate() {
         for name in state.keys() {
             if !expected_names[index].contains(name.as_str()) {
-                violations.push(format!(
-                    "stream {name} on {} was never written there",
-                    connection_ids[index]
-                ));
+                violations.push(format!("stream {name} on {} was never written there", connection_ids[index]));
             }
         }
     }
+
+    (violations, unacked_but_applied)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_writes_survive_repeated_sigkill() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db_path = dir.path().join("crash.db");
+    let db_url = format!("sqlite://{}", db_path.display());
+    let notable: Notable = Arc::default();
+
+    let seed = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_nanos() as u64 | 1;
+    let mut rng = XorShift(seed);
+
+    let server = {
+        let (db_url, notable) = (db_url.clone(), Arc::clone(&notable));
+        tokio::task::spawn_blocking(move || Server::start(&db_url, &notable)).await.expect("start the first server")
+    };
+    let shared = Arc::new(Shared {
+        base: RwLock::new(server.base.clone()),
+        stop: AtomicBool::new(false),
+        acked: AtomicU64::new(0),
+        unacked: AtomicU64::new(0),
+        statuses: Mutex::default(),
+    });
+
+    let connection_ids: Vec<String> =
+        (0..WRITERS * CONNECTIONS_PER_WRITER).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let connections = (0..CONNECTIONS_PER_WRITER)
+                .map(|c| {
+                    let index = w * CONNECTIONS_PER_WRITER + c;
+                    (index, connection_ids[index].clone())
+                })
+                .collect();
+            tokio::spawn(writer(w, connections, Arc::clone(&shared)))
+        })
+        .collect();
+
+    // The killer: let the server run a moment, SIGKILL it, restart it on the
+    // same file, publish its new address.
+    let mut server = Some(server);
+    let mut acked_per_cycle = Vec::with_capacity(CYCLES);
+    let mut acked_before = 0;
+    let mut downtime = Duration::ZERO;
+    for _ in 0..CYCLES {
+        tokio::time::sleep(Duration::from_millis(rng.between(UPTIME_MS.0, UPTIME_MS.1))).await;
+        let running = server.take().expect("a running server");
+        let (db_url, notable) = (db_url.clone(), Arc::clone(&notable));
+        let down = Instant::now();
+        let restarted = tokio::task::spawn_blocking(move || {
+            running.kill();
+            Server::start(&db_url, &notable)
+        })
+        .await
+        .expect("kill and restart the server");
+        let acked_now = shared.acked.load(Ordering::SeqCst);
+        acked_per_cycle.push(acked_now - acked_before);
+        acked_before = acked_now;
+        *shared.base.write().expect("base lock") = restarted.base.clone();
+        downtime = downtime.max(down.elapsed());
+        server = Some(restarted);
+    }
+    // A last stretch of uptime, so writes also land on the final server.
+    tokio::time::sleep(Duration::from_millis(rng.between(UPTIME_MS.0, UPTIME_MS.1))).await;
+    shared.stop.store(true, Ordering::SeqCst);
+    let mut records = Vec::new();
+    for handle in writers {
+        records.extend(handle.await.expect("writer task"));
+    }
+    let server = server.expect("the final server");
+
+    // Check every connection on the final server.
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("build HTTP client");
+    let mut states = Vec::new();
+    for connection_id in &connection_ids {
+        states.push(read_streams(&client, &server.base, connection_id).await);
+    }
+
+    let (violations, unacked_but_applied) = check_writes(&records, &states, &connection_ids);
 
     server.kill();
     let integrity = integrity_check(&db_path);
@@ -459,7 +432,7 @@ async fn acknowledged_writes_survive_repeated_sigkill() {
     eprintln!(
         "crash test: seed {seed:#x}, {CYCLES} cycles, {} writes ({multi} multi-stream), \
          {acked} acked, {unacked} unacked ({unacked_but_applied} of them applied anyway), \
-         non-200 answers {statuses:?}, acked per cycle {acked_per_cycle:?}, \
+         non-200 answers {statuses:?}, acked per cycle {acked_per_cycle:?}, longest kill-to-ready {downtime:.2?}, \
          {} notable server log lines, elapsed {:.2?}",
         records.len(),
         notable.len(),
@@ -473,18 +446,10 @@ async fn acknowledged_writes_survive_repeated_sigkill() {
         violations.is_empty(),
         "{} violations (seed {seed:#x}), first ones:\n{}",
         violations.len(),
-        violations
-            .iter()
-            .take(20)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
+        violations.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
     );
     assert_eq!(integrity, "ok", "PRAGMA integrity_check");
-    assert!(
-        acked > 100,
-        "only {acked} writes were acknowledged: the test proved little"
-    );
+    assert!(acked > 100, "only {acked} writes were acknowledged: the test proved little");
     assert!(
         cycles_with_acks * 2 > CYCLES,
         "only {cycles_with_acks} of {CYCLES} cycles acknowledged a write: {acked_per_cycle:?}"
