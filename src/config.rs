@@ -50,6 +50,38 @@ pub enum Command {
     Serve(ServeArgs),
     /// Create or upgrade the database schema, then exit.
     Migrate(DatabaseArgs),
+    /// Write every connection (state and history) as NDJSON, for backups
+    /// and for moving between SQLite and PostgreSQL.
+    Export(ExportArgs),
+    /// Load connections from an export; each is stored atomically.
+    Import(ImportArgs),
+}
+
+/// Settings of `highwater export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// File to write; standard output when absent.
+    #[arg(long, short)]
+    pub output: Option<std::path::PathBuf>,
+}
+
+/// Settings of `highwater import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Export file to read; standard input when absent.
+    #[arg(long, short)]
+    pub input: Option<std::path::PathBuf>,
+
+    /// Replace connections that already exist (their state and history)
+    /// instead of leaving them alone and failing.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// Where the state is kept.

@@ -1,6 +1,9 @@
 //! The subcommands, one file each.
 
+mod export;
+mod import;
 mod migrate;
+mod progress;
 mod serve;
 
 use crate::config::Command;
@@ -10,5 +13,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => serve::run(args).await,
         Command::Migrate(args) => migrate::run(args).await,
+        Command::Export(args) => export::run(args).await,
+        Command::Import(args) => import::run(args).await,
     }
 }

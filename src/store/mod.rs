@@ -7,6 +7,7 @@
 //! transaction, so the type check and the write are atomic. It knows nothing
 //! of HTTP.
 
+pub mod dump;
 pub mod postgres;
 pub mod sqlite;
 
@@ -17,6 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::state::{ConnectionId, StateWrite, StoredState, TypeConflict};
+use dump::ConnectionDump;
 
 /// A backend holding connection states.
 #[async_trait]
@@ -30,6 +32,30 @@ pub trait Store: Send + Sync {
 
     /// Checks that the storage answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Ids of connections ever written, ascending, after `after`.
+    async fn list_connections(
+        &self,
+        after: Option<ConnectionId>,
+        limit: usize,
+    ) -> Result<Vec<ConnectionId>, StoreError>;
+
+    /// A connection's whole record, read in one snapshot; `None` if it was
+    /// never written.
+    async fn dump(&self, id: ConnectionId) -> Result<Option<ConnectionDump>, StoreError>;
+
+    /// Stores a whole record atomically. An existing connection is replaced
+    /// only with `overwrite`; otherwise it is left alone.
+    async fn load(&self, dump: ConnectionDump, overwrite: bool) -> Result<LoadOutcome, StoreError>;
+}
+
+/// What [`Store::load`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadOutcome {
+    /// The record was stored.
+    Loaded,
+    /// The connection exists and `overwrite` was not given: nothing changed.
+    Exists,
 }
 
 /// What can go wrong in a store, classified once from the driver's error.

@@ -9,6 +9,7 @@
 //! and writes to other connections are not starved of the pool. Reads are a
 //! single statement, hence a single snapshot.
 
+mod dump;
 mod keyed_lock;
 mod queries;
 mod schema;
@@ -18,11 +19,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::NoTls;
+use tokio_postgres::{IsolationLevel, NoTls};
 
 pub use schema::SchemaError;
 
-use super::{Store, StoreError};
+use super::dump::ConnectionDump;
+use super::{LoadOutcome, Store, StoreError};
 use crate::state::{ConnectionId, StateWrite, StoredState};
 use keyed_lock::KeyedLock;
 
@@ -105,6 +107,39 @@ impl Store for PostgresStore {
     async fn ping(&self) -> Result<(), StoreError> {
         let client = self.client().await?;
         client.simple_query("SELECT 1").await.map(drop).map_err(classify)
+    }
+
+    async fn list_connections(
+        &self,
+        after: Option<ConnectionId>,
+        limit: usize,
+    ) -> Result<Vec<ConnectionId>, StoreError> {
+        let client = self.client().await?;
+        dump::list(&client, after, limit).await
+    }
+
+    async fn dump(&self, id: ConnectionId) -> Result<Option<ConnectionDump>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(classify)?;
+        let record = dump::read(&tx, id).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(record)
+    }
+
+    async fn load(&self, record: ConnectionDump, overwrite: bool) -> Result<LoadOutcome, StoreError> {
+        let _queued = self.writers.lock(record.id).await;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(classify)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(record.id)]).await.map_err(classify)?;
+        let outcome = dump::load(&tx, &record, overwrite).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(outcome)
     }
 }
 

@@ -7,9 +7,11 @@
 //! without any of them being acknowledged before it is durable. Reads run on
 //! a small pool of read-only connections and never wait for the writer.
 
+mod dump;
 mod queries;
 mod schema;
 
+use std::any::Any;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -20,7 +22,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 pub use schema::OpenError;
 
-use super::{Store, StoreError};
+use super::dump::ConnectionDump;
+use super::{LoadOutcome, Store, StoreError};
 use crate::state::{ConnectionId, StateWrite, StoredState};
 
 /// How many writes one commit may carry.
@@ -30,11 +33,15 @@ const QUEUE_DEPTH: usize = 4096;
 /// Read-only connections kept open.
 const READERS: usize = 4;
 
-type Reply = oneshot::Sender<Result<StoredState, StoreError>>;
+/// What a write job produces, type-erased so one queue carries every kind
+/// of write; [`SqliteStore::submit`] restores the type.
+type Output = Box<dyn Any + Send>;
+type Reply = oneshot::Sender<Result<Output, StoreError>>;
 
+/// One unit of work for the writer thread: it runs inside its own savepoint
+/// of a group transaction and is answered after the group commits.
 struct WriteJob {
-    id: ConnectionId,
-    write: StateWrite,
+    run: Box<dyn FnOnce(&Connection) -> Result<Output, StoreError> + Send>,
     reply: Reply,
 }
 
@@ -99,6 +106,26 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// Runs `f` on the writer thread, inside its own savepoint of the next
+    /// group commit, and answers once that commit is durable.
+    async fn submit<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || StoreError::Unavailable("the SQLite writer has stopped".to_owned());
+        let run = Box::new(move |conn: &Connection| f(conn).map(|value| Box::new(value) as Output));
+        self.writes.send(WriteJob { run, reply }).await.map_err(|_| stopped())?;
+        let output = answer.await.map_err(|_| stopped())??;
+        output
+            .downcast::<T>()
+            .map(|value| *value)
+            .map_err(|_| StoreError::Internal("a write job answered with the wrong type".to_owned()))
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn read(&self, id: ConnectionId) -> Result<StoredState, StoreError> {
@@ -106,10 +133,7 @@ impl Store for SqliteStore {
     }
 
     async fn write(&self, id: ConnectionId, write: StateWrite) -> Result<StoredState, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let stopped = || StoreError::Unavailable("the SQLite writer has stopped".to_owned());
-        self.writes.send(WriteJob { id, write, reply }).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        self.submit(move |conn| queries::apply_write(conn, id, &write)).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -118,6 +142,22 @@ impl Store for SqliteStore {
         }
         self.with_reader(|conn| conn.query_row("SELECT count(*) FROM connections", [], |_| Ok(())).map_err(classify))
             .await
+    }
+
+    async fn list_connections(
+        &self,
+        after: Option<ConnectionId>,
+        limit: usize,
+    ) -> Result<Vec<ConnectionId>, StoreError> {
+        self.with_reader(move |conn| dump::list(conn, after, limit)).await
+    }
+
+    async fn dump(&self, id: ConnectionId) -> Result<Option<ConnectionDump>, StoreError> {
+        self.with_reader(move |conn| dump::read(conn, id)).await
+    }
+
+    async fn load(&self, record: ConnectionDump, overwrite: bool) -> Result<LoadOutcome, StoreError> {
+        self.submit(move |conn| dump::load(conn, &record, overwrite)).await
     }
 }
 
@@ -147,12 +187,13 @@ fn commit_group(conn: &mut Connection, group: Vec<WriteJob>) {
             return;
         }
     };
-    let mut answers: Vec<(Reply, Result<StoredState, StoreError>)> = Vec::with_capacity(group.len());
+    let mut answers: Vec<(Reply, Result<Output, StoreError>)> = Vec::with_capacity(group.len());
     for job in group {
+        let run = job.run;
         let result = tx.savepoint().map_err(classify).and_then(|savepoint| {
-            let state = queries::apply_write(&savepoint, job.id, &job.write)?;
+            let output = run(&savepoint)?;
             savepoint.commit().map_err(classify)?;
-            Ok(state)
+            Ok(output)
         });
         answers.push((job.reply, result));
     }

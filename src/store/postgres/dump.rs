@@ -1,0 +1,153 @@
+//! Whole-record reads and writes for export and import. Text is ordered
+//! with `COLLATE "C"` so both backends list in the same (byte) order.
+
+use deadpool_postgres::GenericClient;
+
+use super::classify;
+use crate::state::{Blob, ConnectionId, StateType};
+use crate::store::dump::{ConnectionDump, RevisionDump};
+use crate::store::{LoadOutcome, StoreError};
+
+/// Connection ids in ascending order after `after`.
+pub async fn list(
+    client: &impl GenericClient,
+    after: Option<ConnectionId>,
+    limit: usize,
+) -> Result<Vec<ConnectionId>, StoreError> {
+    let after = after.map(|id| id.to_string()).unwrap_or_default();
+    let statement = client
+        .prepare_cached(
+            "SELECT connection_id FROM connections WHERE connection_id > $1 COLLATE \"C\" \
+             ORDER BY connection_id COLLATE \"C\" LIMIT $2",
+        )
+        .await
+        .map_err(classify)?;
+    let rows = client.query(&statement, &[&after, &(limit as i64)]).await.map_err(classify)?;
+    rows.iter()
+        .map(|row| {
+            let text: String = row.get(0);
+            ConnectionId::parse(&text).ok_or_else(|| StoreError::Internal(format!("stored connection id {text:?}")))
+        })
+        .collect()
+}
+
+/// The whole record of one connection; run it in a repeatable-read
+/// transaction so the four reads share a snapshot.
+pub async fn read(client: &impl GenericClient, id: ConnectionId) -> Result<Option<ConnectionDump>, StoreError> {
+    let id_text = id.to_string();
+    let header = client
+        .query_opt("SELECT state_type, revision, next_seq FROM connections WHERE connection_id = $1", &[&id_text])
+        .await
+        .map_err(classify)?;
+    let Some(header) = header else {
+        return Ok(None);
+    };
+    let entries = client
+        .query("SELECT entry_key, seq, revision FROM entries WHERE connection_id = $1 ORDER BY seq", &[&id_text])
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1), r.get::<_, i64>(2) as u64))
+        .collect();
+    let mut revisions: Vec<RevisionDump> = client
+        .query(
+            "SELECT revision, created_at_ms, state_type FROM revisions WHERE connection_id = $1 ORDER BY revision",
+            &[&id_text],
+        )
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(|r| RevisionDump {
+            revision: r.get::<_, i64>(0) as u64,
+            created_at_ms: r.get(1),
+            state_type: r.get::<_, Option<String>>(2).as_deref().and_then(StateType::parse),
+            changes: Vec::new(),
+        })
+        .collect();
+    let changes = client
+        .query(
+            "SELECT revision, entry_key, blob FROM changes WHERE connection_id = $1 \
+             ORDER BY revision, entry_key COLLATE \"C\"",
+            &[&id_text],
+        )
+        .await
+        .map_err(classify)?;
+    for row in &changes {
+        let revision = row.get::<_, i64>(0) as u64;
+        let target = revisions.iter_mut().find(|r| r.revision == revision).ok_or_else(|| {
+            StoreError::Internal(format!("change of {id} at revision {revision} has no revision row"))
+        })?;
+        target.changes.push((row.get(1), row.get::<_, Option<String>>(2).map(Blob::from_stored)));
+    }
+    Ok(Some(ConnectionDump {
+        id,
+        state_type: header.get::<_, Option<String>>(0).as_deref().and_then(StateType::parse),
+        revision: header.get::<_, i64>(1) as u64,
+        next_seq: header.get(2),
+        entries,
+        revisions,
+    }))
+}
+
+/// Stores a whole record in the caller's transaction, which holds the
+/// connection's advisory lock.
+pub async fn load(
+    tx: &deadpool_postgres::Transaction<'_>,
+    dump: &ConnectionDump,
+    overwrite: bool,
+) -> Result<LoadOutcome, StoreError> {
+    let id = dump.id.to_string();
+    let exists: bool = tx
+        .query_one("SELECT EXISTS (SELECT 1 FROM connections WHERE connection_id = $1)", &[&id])
+        .await
+        .map_err(classify)?
+        .get(0);
+    if exists && !overwrite {
+        return Ok(LoadOutcome::Exists);
+    }
+    for table in ["entries", "changes", "revisions", "connections"] {
+        tx.execute(&format!("DELETE FROM {table} WHERE connection_id = $1"), &[&id]).await.map_err(classify)?;
+    }
+    let state_type = dump.state_type.map(StateType::as_str);
+    tx.execute(
+        "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES ($1, $2, $3, $4)",
+        &[&id, &state_type, &(dump.revision as i64), &dump.next_seq],
+    )
+    .await
+    .map_err(classify)?;
+    let numbers: Vec<i64> = dump.revisions.iter().map(|r| r.revision as i64).collect();
+    let times: Vec<i64> = dump.revisions.iter().map(|r| r.created_at_ms).collect();
+    let types: Vec<Option<&str>> = dump.revisions.iter().map(|r| r.state_type.map(StateType::as_str)).collect();
+    tx.execute(
+        "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type) \
+         SELECT $1, r, t, s FROM unnest($2::int8[], $3::int8[], $4::text[]) AS u(r, t, s)",
+        &[&id, &numbers, &times, &types],
+    )
+    .await
+    .map_err(classify)?;
+    let changes = dump.revisions.iter().flat_map(|r| r.changes.iter().map(move |c| (r.revision as i64, c)));
+    let (mut revisions, mut keys, mut blobs) = (Vec::new(), Vec::new(), Vec::new());
+    for (revision, (key, blob)) in changes {
+        revisions.push(revision);
+        keys.push(key.as_str());
+        blobs.push(blob.as_ref().map(Blob::as_str));
+    }
+    tx.execute(
+        "INSERT INTO changes (connection_id, revision, entry_key, blob) \
+         SELECT $1, r, k, b FROM unnest($2::int8[], $3::text[], $4::text[]) AS u(r, k, b)",
+        &[&id, &revisions, &keys, &blobs],
+    )
+    .await
+    .map_err(classify)?;
+    let keys: Vec<&str> = dump.entries.iter().map(|(k, _, _)| k.as_str()).collect();
+    let seqs: Vec<i64> = dump.entries.iter().map(|(_, s, _)| *s).collect();
+    let revisions: Vec<i64> = dump.entries.iter().map(|(_, _, r)| *r as i64).collect();
+    tx.execute(
+        "INSERT INTO entries (connection_id, entry_key, seq, revision) \
+         SELECT $1, k, s, r FROM unnest($2::text[], $3::int8[], $4::int8[]) AS u(k, s, r)",
+        &[&id, &keys, &seqs, &revisions],
+    )
+    .await
+    .map_err(classify)?;
+    Ok(LoadOutcome::Loaded)
+}

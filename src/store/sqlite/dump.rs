@@ -1,0 +1,131 @@
+//! Whole-record reads and writes for export and import.
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::classify;
+use crate::state::{Blob, ConnectionId, StateType};
+use crate::store::dump::{ConnectionDump, RevisionDump};
+use crate::store::{LoadOutcome, StoreError};
+
+/// Connection ids in ascending order after `after`.
+pub fn list(conn: &Connection, after: Option<ConnectionId>, limit: usize) -> Result<Vec<ConnectionId>, StoreError> {
+    let after = after.map(|id| id.to_string()).unwrap_or_default();
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT connection_id FROM connections WHERE connection_id > ?1 ORDER BY connection_id LIMIT ?2",
+        )
+        .map_err(classify)?;
+    let rows = stmt.query_map(params![after, limit as i64], |row| row.get::<_, String>(0)).map_err(classify)?;
+    rows.map(|row| {
+        let text = row.map_err(classify)?;
+        ConnectionId::parse(&text).ok_or_else(|| StoreError::Internal(format!("stored connection id {text:?}")))
+    })
+    .collect()
+}
+
+/// The whole record of one connection, read in the caller's transaction.
+pub fn read(conn: &Connection, id: ConnectionId) -> Result<Option<ConnectionDump>, StoreError> {
+    let id_text = id.to_string();
+    let header = conn
+        .prepare_cached("SELECT state_type, revision, next_seq FROM connections WHERE connection_id = ?1")
+        .and_then(|mut s| {
+            s.query_row([&id_text], |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+                .optional()
+        })
+        .map_err(classify)?;
+    let Some((state_type, revision, next_seq)) = header else {
+        return Ok(None);
+    };
+    let mut stmt = conn
+        .prepare_cached("SELECT entry_key, seq, revision FROM entries WHERE connection_id = ?1 ORDER BY seq")
+        .map_err(classify)?;
+    let entries = stmt
+        .query_map([&id_text], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)? as u64)))
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(classify)?;
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT revision, created_at_ms, state_type FROM revisions WHERE connection_id = ?1 ORDER BY revision",
+        )
+        .map_err(classify)?;
+    let mut revisions = stmt
+        .query_map([&id_text], |r| {
+            Ok(RevisionDump {
+                revision: r.get::<_, i64>(0)? as u64,
+                created_at_ms: r.get(1)?,
+                state_type: r.get::<_, Option<String>>(2)?.as_deref().and_then(StateType::parse),
+                changes: Vec::new(),
+            })
+        })
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(classify)?;
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT revision, entry_key, blob FROM changes WHERE connection_id = ?1 ORDER BY revision, entry_key",
+        )
+        .map_err(classify)?;
+    let changes = stmt
+        .query_map([&id_text], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?))
+        })
+        .map_err(classify)?;
+    for change in changes {
+        let (revision, key, blob) = change.map_err(classify)?;
+        let target = revisions.iter_mut().find(|r| r.revision == revision).ok_or_else(|| {
+            StoreError::Internal(format!("change of {id} at revision {revision} has no revision row"))
+        })?;
+        target.changes.push((key, blob.map(Blob::from_stored)));
+    }
+    Ok(Some(ConnectionDump {
+        id,
+        state_type: state_type.as_deref().and_then(StateType::parse),
+        revision: revision as u64,
+        next_seq,
+        entries,
+        revisions,
+    }))
+}
+
+/// Stores a whole record, replacing an existing one only when asked.
+pub fn load(conn: &Connection, dump: &ConnectionDump, overwrite: bool) -> Result<LoadOutcome, StoreError> {
+    let id = dump.id.to_string();
+    let exists: bool = conn
+        .query_row("SELECT EXISTS (SELECT 1 FROM connections WHERE connection_id = ?1)", [&id], |r| r.get(0))
+        .map_err(classify)?;
+    if exists && !overwrite {
+        return Ok(LoadOutcome::Exists);
+    }
+    for table in ["entries", "changes", "revisions", "connections"] {
+        conn.execute(&format!("DELETE FROM {table} WHERE connection_id = ?1"), [&id]).map_err(classify)?;
+    }
+    let state_type = dump.state_type.map(StateType::as_str);
+    conn.execute(
+        "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES (?1, ?2, ?3, ?4)",
+        params![id, state_type, dump.revision as i64, dump.next_seq],
+    )
+    .map_err(classify)?;
+    let mut revision_row = conn
+        .prepare_cached(
+            "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .map_err(classify)?;
+    let mut change_row = conn
+        .prepare_cached("INSERT INTO changes (connection_id, revision, entry_key, blob) VALUES (?1, ?2, ?3, ?4)")
+        .map_err(classify)?;
+    for r in &dump.revisions {
+        let state_type = r.state_type.map(StateType::as_str);
+        revision_row.execute(params![id, r.revision as i64, r.created_at_ms, state_type]).map_err(classify)?;
+        for (key, blob) in &r.changes {
+            change_row
+                .execute(params![id, r.revision as i64, key, blob.as_ref().map(Blob::as_str)])
+                .map_err(classify)?;
+        }
+    }
+    let mut entry_row = conn
+        .prepare_cached("INSERT INTO entries (connection_id, entry_key, seq, revision) VALUES (?1, ?2, ?3, ?4)")
+        .map_err(classify)?;
+    for (key, seq, revision) in &dump.entries {
+        entry_row.execute(params![id, key, seq, *revision as i64]).map_err(classify)?;
+    }
+    Ok(LoadOutcome::Loaded)
+}
