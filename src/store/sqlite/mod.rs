@@ -37,11 +37,12 @@ const READERS: usize = 4;
 /// of write; [`SqliteStore::submit`] restores the type.
 type Output = Box<dyn Any + Send>;
 type Reply = oneshot::Sender<Result<Output, StoreError>>;
+type Work = Box<dyn FnOnce(&Connection) -> Result<Output, StoreError> + Send>;
 
 /// One unit of work for the writer thread: it runs inside its own savepoint
 /// of a group transaction and is answered after the group commits.
 struct WriteJob {
-    run: Box<dyn FnOnce(&Connection) -> Result<Output, StoreError> + Send>,
+    run: Work,
     reply: Reply,
 }
 
@@ -116,7 +117,7 @@ impl SqliteStore {
     {
         let (reply, answer) = oneshot::channel();
         let stopped = || StoreError::Unavailable("the SQLite writer has stopped".to_owned());
-        let run = Box::new(move |conn: &Connection| f(conn).map(|value| Box::new(value) as Output));
+        let run: Work = Box::new(move |conn: &Connection| f(conn).map(|value| Box::new(value) as Output));
         self.writes.send(WriteJob { run, reply }).await.map_err(|_| stopped())?;
         let output = answer.await.map_err(|_| stopped())??;
         output
