@@ -1,0 +1,165 @@
+//! JSON plumbing shared by the decoders: reading an object level by level
+//! with raw member values, recording field errors, and the depth pre-check.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use super::{DecodeError, FieldError};
+use crate::state::Blob;
+
+/// Whether any array or object nests deeper than `limit`, found by one pass
+/// over the bytes before anything recursive sees them.
+pub(super) fn nesting_exceeds(bytes: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Parses a whole text; the depth was bounded by [`nesting_exceeds`], so
+/// serde_json's own recursion limit would only get in the way of a
+/// configured depth above its default.
+pub(super) fn parse<'a, T: Deserialize<'a>>(text: &'a str) -> serde_json::Result<T> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.disable_recursion_limit();
+    let value = T::deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
+pub(super) fn blob(raw: &RawValue) -> Blob {
+    Blob::from_json(raw.get())
+}
+
+pub(super) fn is_null(raw: &RawValue) -> bool {
+    raw.get() == "null"
+}
+
+pub(super) fn string(raw: &RawValue) -> Option<String> {
+    if raw.get().starts_with('"') {
+        parse(raw.get()).ok()
+    } else {
+        None
+    }
+}
+
+pub(super) fn array<'a>(raw: &'a RawValue, path: &str, errors: &mut Errors) -> Option<Vec<&'a RawValue>> {
+    if !raw.get().starts_with('[') {
+        errors.push(path, Some(raw), "must be an array");
+        return None;
+    }
+    parse(raw.get()).ok()
+}
+
+pub(super) fn object<'a>(raw: &'a RawValue, path: &str, errors: &mut Errors) -> Option<Object<'a>> {
+    if !raw.get().starts_with('{') {
+        errors.push(path, Some(raw), "must be an object");
+        return None;
+    }
+    let members = parse(raw.get()).ok()?;
+    Some(Object::new(members, path, errors))
+}
+
+/// How a refused value is echoed in `invalidValue`: strings as their text,
+/// anything else as JSON, cut to a readable length.
+pub(super) fn shown(raw: &RawValue) -> String {
+    const MAX_CHARS: usize = 200;
+    let text = string(raw).unwrap_or_else(|| raw.get().to_owned());
+    match text.char_indices().nth(MAX_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
+/// An object of the envelope: its members in order, values still raw.
+pub(super) struct Object<'a> {
+    members: Vec<(String, &'a RawValue)>,
+}
+
+impl<'a> Object<'a> {
+    /// Wraps the members, recording an error for each repeated name.
+    pub(super) fn new(members: Members<'a>, path: &str, errors: &mut Errors) -> Self {
+        let mut seen = HashSet::with_capacity(members.0.len());
+        for (name, _) in &members.0 {
+            if !seen.insert(name.as_str()) {
+                let member_path = if path.is_empty() { name.clone() } else { format!("{path}.{name}") };
+                errors.push(&member_path, None, "appears more than once");
+            }
+        }
+        Self { members: members.0 }
+    }
+
+    pub(super) fn get(&self, name: &str) -> Option<&'a RawValue> {
+        self.members.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+}
+
+/// A JSON object read as an ordered list of members with raw values.
+pub(super) struct Members<'a>(pub(super) Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MembersVisitor;
+        impl<'de> Visitor<'de> for MembersVisitor {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    members.push((name, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(MembersVisitor)
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Errors(Vec<FieldError>);
+
+impl Errors {
+    pub(super) fn push(&mut self, path: &str, value: Option<&RawValue>, message: &str) {
+        self.0.push(FieldError {
+            property_path: path.to_owned(),
+            invalid_value: value.map(shown),
+            message: message.to_owned(),
+        });
+    }
+
+    /// The value when no error was recorded; otherwise all the errors.
+    pub(super) fn finish<T>(self, value: Option<T>) -> Result<T, DecodeError> {
+        match value {
+            Some(value) if self.0.is_empty() => Ok(value),
+            _ => Err(DecodeError::Invalid(self.0)),
+        }
+    }
+}
