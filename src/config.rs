@@ -8,6 +8,7 @@
 //! | `--database-url` | `HIGHWATER_DATABASE_URL` | `sqlite://highwater.db` |
 //! | `--database-pool-size` | `HIGHWATER_DATABASE_POOL_SIZE` | 16 |
 //! | `--database-timeout-ms` | `HIGHWATER_DATABASE_TIMEOUT_MS` | 3000 |
+//! | `--database-operation-timeout-ms` | `HIGHWATER_DATABASE_OPERATION_TIMEOUT_MS` | 30000 |
 //! | `--migrate` | `HIGHWATER_MIGRATE` | `true` |
 //! | `--max-body-bytes` | `HIGHWATER_MAX_BODY_BYTES` | 134217728 (128 MiB) |
 //! | `--max-json-depth` | `HIGHWATER_MAX_JSON_DEPTH` | 128 |
@@ -104,6 +105,13 @@ pub struct DatabaseArgs {
     #[arg(long, env = "HIGHWATER_DATABASE_TIMEOUT_MS", default_value_t = 3000,
           value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub database_timeout_ms: u64,
+
+    /// PostgreSQL: the longest one database operation may take before the
+    /// request fails with 503, in milliseconds (a silent server must not
+    /// hang requests).
+    #[arg(long, env = "HIGHWATER_DATABASE_OPERATION_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub database_operation_timeout_ms: u64,
 }
 
 impl DatabaseArgs {
@@ -113,6 +121,7 @@ impl DatabaseArgs {
             migrate,
             pool_size: self.database_pool_size as usize,
             connect_timeout: Duration::from_millis(self.database_timeout_ms),
+            operation_timeout: Duration::from_millis(self.database_operation_timeout_ms),
         }
     }
 }

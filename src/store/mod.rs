@@ -146,11 +146,19 @@ pub struct OpenOptions {
     pub pool_size: usize,
     /// How long to wait for a database connection before failing (PostgreSQL).
     pub connect_timeout: Duration,
+    /// The longest one store operation may take before failing as
+    /// unavailable (PostgreSQL).
+    pub operation_timeout: Duration,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        Self { migrate: true, pool_size: 16, connect_timeout: Duration::from_secs(3) }
+        Self {
+            migrate: true,
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(3),
+            operation_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -168,6 +176,7 @@ pub async fn open(url: &DatabaseUrl, options: &OpenOptions) -> anyhow::Result<Ar
                 pool_size: options.pool_size,
                 connect_timeout: options.connect_timeout,
                 migrate: options.migrate,
+                operation_timeout: options.operation_timeout,
             };
             Ok(Arc::new(postgres::PostgresStore::open(url, &options).await?))
         }

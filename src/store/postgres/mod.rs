@@ -14,10 +14,12 @@ mod keyed_lock;
 mod queries;
 mod schema;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{IsolationLevel, NoTls};
 
@@ -38,6 +40,9 @@ pub struct PostgresOptions {
     pub connect_timeout: Duration,
     /// Apply pending migrations at start-up.
     pub migrate: bool,
+    /// The longest one store operation may take before it fails as
+    /// unavailable (a silent server must not hang requests).
+    pub operation_timeout: Duration,
 }
 
 /// Why the PostgreSQL store cannot start.
@@ -57,6 +62,7 @@ pub enum OpenError {
 pub struct PostgresStore {
     pool: Pool,
     writers: KeyedLock<ConnectionId>,
+    operation_timeout: Duration,
 }
 
 impl PostgresStore {
@@ -79,34 +85,71 @@ impl PostgresStore {
         let mut client = pool.get().await.map_err(|e| OpenError::Connect(pool_error(e)))?;
         schema::prepare(&mut client, options.migrate).await?;
         drop(client);
-        Ok(Self { pool, writers: KeyedLock::default() })
+        Ok(Self { pool, writers: KeyedLock::default(), operation_timeout: options.operation_timeout })
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool.get().await.map_err(pool_error)
+    /// Runs `work` on a pooled client within the operation timeout. A
+    /// client whose work did not finish (timed out, or the request was
+    /// dropped) may be mid-transaction or stuck on a silent server, so it
+    /// is closed rather than pooled again.
+    async fn with_client<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        F: for<'c> FnOnce(&'c mut Object) -> Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'c>>,
+    {
+        let bounded = async {
+            let mut client = Guarded(Some(self.pool.get().await.map_err(pool_error)?), false);
+            let result = work(client.object()?).await;
+            client.1 = true;
+            result
+        };
+        tokio::time::timeout(self.operation_timeout, bounded).await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!("PostgreSQL did not answer within {:?}", self.operation_timeout)))
+        })
+    }
+}
+
+/// A pooled client and whether its work finished.
+struct Guarded(Option<Object>, bool);
+
+impl Guarded {
+    fn object(&mut self) -> Result<&mut Object, StoreError> {
+        self.0.as_mut().ok_or_else(|| StoreError::Internal("pooled client already released".to_owned()))
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let (Some(object), false) = (self.0.take(), self.1) {
+            drop(Object::take(object));
+        }
     }
 }
 
 #[async_trait]
 impl Store for PostgresStore {
     async fn read(&self, id: ConnectionId) -> Result<StoredState, StoreError> {
-        let client = self.client().await?;
-        queries::read_state(&client, id).await
+        self.with_client(move |client| Box::pin(async move { queries::read_state(&*client, id).await })).await
     }
 
     async fn write(&self, id: ConnectionId, write: StateWrite) -> Result<StoredState, StoreError> {
         let _queued = self.writers.lock(id).await;
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(classify)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(id)]).await.map_err(classify)?;
-        let state = queries::apply_write(&tx, id, &write).await?;
-        tx.commit().await.map_err(classify)?;
-        Ok(state)
+        self.with_client(move |client| {
+            Box::pin(async move {
+                let tx = client.transaction().await.map_err(classify)?;
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(id)]).await.map_err(classify)?;
+                let state = queries::apply_write(&tx, id, &write).await?;
+                tx.commit().await.map_err(classify)?;
+                Ok(state)
+            })
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client.simple_query("SELECT 1").await.map(drop).map_err(classify)
+        self.with_client(|client| {
+            Box::pin(async move { client.simple_query("SELECT 1").await.map(drop).map_err(classify) })
+        })
+        .await
     }
 
     async fn list_connections(
@@ -114,32 +157,39 @@ impl Store for PostgresStore {
         after: Option<ConnectionId>,
         limit: usize,
     ) -> Result<Vec<ConnectionId>, StoreError> {
-        let client = self.client().await?;
-        dump::list(&client, after, limit).await
+        self.with_client(move |client| Box::pin(async move { dump::list(&*client, after, limit).await })).await
     }
 
     async fn dump(&self, id: ConnectionId) -> Result<Option<ConnectionDump>, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(classify)?;
-        let record = dump::read(&tx, id).await?;
-        tx.commit().await.map_err(classify)?;
-        Ok(record)
+        self.with_client(move |client| {
+            Box::pin(async move {
+                let tx = client
+                    .build_transaction()
+                    .isolation_level(IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .await
+                    .map_err(classify)?;
+                let record = dump::read(&tx, id).await?;
+                tx.commit().await.map_err(classify)?;
+                Ok(record)
+            })
+        })
+        .await
     }
 
     async fn load(&self, record: ConnectionDump, overwrite: bool) -> Result<LoadOutcome, StoreError> {
         let _queued = self.writers.lock(record.id).await;
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(classify)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(record.id)]).await.map_err(classify)?;
-        let outcome = dump::load(&tx, &record, overwrite).await?;
-        tx.commit().await.map_err(classify)?;
-        Ok(outcome)
+        self.with_client(move |client| {
+            Box::pin(async move {
+                let tx = client.transaction().await.map_err(classify)?;
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(record.id)]).await.map_err(classify)?;
+                let outcome = dump::load(&tx, &record, overwrite).await?;
+                tx.commit().await.map_err(classify)?;
+                Ok(outcome)
+            })
+        })
+        .await
     }
 }
 
