@@ -5,6 +5,7 @@ mod support;
 
 use std::sync::Arc;
 
+use highwater::state::ops::Refusal;
 use highwater::state::{Blob, ConnectionId, EntryKey, EntryOp, StateType, StateWrite, StreamDescriptor};
 use highwater::store::{Store, StoreError};
 use support::TestDatabase;
@@ -44,7 +45,7 @@ async fn revisions_count_changing_writes_without_gaps() {
     assert_eq!(same.revision, 1);
     // A refused write takes no revision either.
     let refused = store.write(id, write(StateType::Legacy, vec![])).await;
-    assert!(matches!(refused, Err(StoreError::TypeConflict(_))));
+    assert!(matches!(refused, Err(StoreError::Refused(Refusal::TypeConflict(_)))));
     // Deleting an absent stream is no change.
     let absent = store.write(id, write(StateType::Stream, vec![stream("zz", None)])).await.unwrap();
     assert_eq!(absent.revision, 1);

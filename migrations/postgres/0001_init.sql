@@ -15,6 +15,8 @@ CREATE TABLE revisions (
     revision      bigint NOT NULL,
     created_at_ms bigint NOT NULL,                -- Unix time, milliseconds, database clock
     state_type    text CHECK (state_type IN ('legacy', 'global', 'stream')),
+    actor         text,
+    reason        text,
     PRIMARY KEY (connection_id, revision)
 );
 
@@ -23,8 +25,11 @@ CREATE TABLE changes (
     revision      bigint NOT NULL,
     entry_key     text NOT NULL,                  -- EntryKey::encode
     blob          text,                           -- NULL: the entry was deleted
+    seq           bigint,                         -- the entry's position when set
     PRIMARY KEY (connection_id, revision, entry_key)
 );
+
+CREATE INDEX changes_by_key ON changes (connection_id, entry_key, revision);
 
 CREATE TABLE entries (
     connection_id text NOT NULL,
@@ -35,3 +40,10 @@ CREATE TABLE entries (
 );
 
 CREATE UNIQUE INDEX entries_in_order ON entries (connection_id, seq);
+
+CREATE TABLE leases (
+    connection_id text PRIMARY KEY,
+    holder        text NOT NULL,
+    token         text NOT NULL,
+    expires_at_ms bigint NOT NULL
+);

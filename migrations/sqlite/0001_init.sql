@@ -18,6 +18,8 @@ CREATE TABLE revisions (
     revision      INTEGER NOT NULL,
     created_at_ms INTEGER NOT NULL,               -- Unix time, milliseconds
     state_type    TEXT CHECK (state_type IN ('legacy', 'global', 'stream')),  -- type after the write
+    actor         TEXT,                           -- who wrote it, when known
+    reason        TEXT,                           -- why, when given
     PRIMARY KEY (connection_id, revision)
 ) WITHOUT ROWID;
 
@@ -27,8 +29,12 @@ CREATE TABLE changes (
     revision      INTEGER NOT NULL,
     entry_key     TEXT NOT NULL,                  -- EntryKey::encode
     blob          TEXT,
+    seq           INTEGER,                        -- the entry's position when set; NULL for a delete
     PRIMARY KEY (connection_id, revision, entry_key)
 );
+
+-- The state as of any revision: per key, the latest change at or before it.
+CREATE INDEX changes_by_key ON changes (connection_id, entry_key, revision);
 
 -- The current entries of each connection.
 CREATE TABLE entries (
@@ -40,3 +46,12 @@ CREATE TABLE entries (
 ) WITHOUT ROWID;
 
 CREATE UNIQUE INDEX entries_in_order ON entries (connection_id, seq);
+
+-- Sync leases: at most one per connection; a row whose expiry has passed
+-- is no lease at all.
+CREATE TABLE leases (
+    connection_id TEXT PRIMARY KEY NOT NULL,
+    holder        TEXT NOT NULL,
+    token         TEXT NOT NULL,
+    expires_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;

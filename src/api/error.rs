@@ -14,8 +14,9 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::config::{MAX_BODY_SETTING, MAX_DEPTH_SETTING, MAX_STREAMS_SETTING};
+use crate::state::ops::{Refusal, SYNC_RUNNING};
+use crate::state::wire::responses::{timestamp, RenderError};
 use crate::state::wire::{DecodeError, FieldError};
-use crate::state::TypeConflict;
 use crate::store::StoreError;
 
 /// A failed request, by what the client can do about it.
@@ -25,8 +26,9 @@ pub enum ApiError {
     BadJson(String),
     /// 422: the body breaks the schema or a decoding limit.
     Invalid(Vec<FieldError>),
-    /// 409: the write would change the state type.
-    TypeConflict(TypeConflict),
+    /// 409 / 423 / 404: the rules refuse the request (type change, revision
+    /// mismatch, leases, unknown revision).
+    Refused(Refusal),
     /// 413: the body is larger than the configured limit (bytes).
     TooLarge { limit: usize },
     /// 415: the Content-Type is present and not JSON.
@@ -48,7 +50,13 @@ impl ApiError {
         match self {
             Self::BadJson(_) => StatusCode::BAD_REQUEST,
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::TypeConflict(_) => StatusCode::CONFLICT,
+            Self::Refused(refusal) => match refusal {
+                Refusal::TypeConflict(_) | Refusal::RevisionMismatch { .. } | Refusal::StaleLease => {
+                    StatusCode::CONFLICT
+                }
+                Refusal::Locked { .. } | Refusal::LeaseHeld { .. } => StatusCode::LOCKED,
+                Refusal::RevisionNotFound { .. } | Refusal::RevisionPruned { .. } => StatusCode::NOT_FOUND,
+            },
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
@@ -64,7 +72,14 @@ impl ApiError {
         match self {
             Self::BadJson(_) => "InvalidJson",
             Self::Invalid(_) => "InvalidInput",
-            Self::TypeConflict(_) => "StateTypeConflict",
+            Self::Refused(refusal) => match refusal {
+                Refusal::TypeConflict(_) => "StateTypeConflict",
+                Refusal::RevisionMismatch { .. } => "RevisionConflict",
+                Refusal::StaleLease => "LeaseConflict",
+                Refusal::Locked { .. } => "SyncInProgress",
+                Refusal::LeaseHeld { .. } => "LeaseHeld",
+                Refusal::RevisionNotFound { .. } | Refusal::RevisionPruned { .. } => "RevisionNotFound",
+            },
             Self::TooLarge { .. } => "PayloadTooLarge",
             Self::UnsupportedMediaType(_) => "UnsupportedMediaType",
             Self::NotFound(_) => "NotFound",
@@ -84,8 +99,9 @@ impl ApiError {
                 [first, rest @ ..] => format!("Invalid input: {first} (and {} more).", rest.len()),
                 [] => "Invalid input.".to_owned(),
             },
-            Self::TypeConflict(conflict) => {
-                let mut text = conflict.to_string();
+            Self::Refused(Refusal::Locked { .. }) => SYNC_RUNNING.to_owned(),
+            Self::Refused(refusal) => {
+                let mut text = refusal.to_string();
                 text[..1].make_ascii_uppercase();
                 text + "."
             }
@@ -110,6 +126,33 @@ struct KnownExceptionInfo {
     message: String,
     exception_class_name: &'static str,
     error_id: Uuid,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    /// Machine-readable facts about a refusal, for clients that act on it.
+    fn details(&self) -> Option<serde_json::Value> {
+        use serde_json::json;
+        let Self::Refused(refusal) = self else {
+            return None;
+        };
+        match refusal {
+            Refusal::RevisionMismatch { expected, current } => {
+                Some(json!({ "expectedRevision": expected, "currentRevision": current }))
+            }
+            Refusal::Locked { holder, expires_at_ms } | Refusal::LeaseHeld { holder, expires_at_ms } => {
+                Some(json!({ "holder": holder, "expiresAt": timestamp(*expires_at_ms) }))
+            }
+            Refusal::RevisionNotFound { revision, current } => {
+                Some(json!({ "revision": revision, "currentRevision": current }))
+            }
+            Refusal::RevisionPruned { revision, oldest } => {
+                Some(json!({ "revision": revision, "oldestRevision": oldest }))
+            }
+            Refusal::TypeConflict(_) | Refusal::StaleLease => None,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -155,7 +198,12 @@ impl IntoResponse for ApiError {
                     tracing::info!(%error_id, status = status.as_u16(), %message, "request refused")
                 }
             }
-            serde_json::to_vec(&KnownExceptionInfo { message, exception_class_name: self.class_name(), error_id })
+            serde_json::to_vec(&KnownExceptionInfo {
+                message,
+                exception_class_name: self.class_name(),
+                error_id,
+                details: self.details(),
+            })
         };
         // Serialising these plain structs cannot fail; an empty body would
         // still carry the status.
@@ -186,10 +234,16 @@ impl From<DecodeError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
-            StoreError::TypeConflict(conflict) => Self::TypeConflict(conflict),
+            StoreError::Refused(refusal) => Self::Refused(refusal),
             StoreError::Unavailable(cause) => Self::Unavailable(cause),
             StoreError::Full(cause) => Self::StorageFull(cause),
             StoreError::Internal(cause) => Self::Internal(cause),
         }
+    }
+}
+
+impl From<RenderError> for ApiError {
+    fn from(error: RenderError) -> Self {
+        Self::Internal(error.to_string())
     }
 }

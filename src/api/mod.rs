@@ -6,9 +6,13 @@
 
 pub mod error;
 mod extract;
+mod history;
+mod lease;
 mod log;
 mod meta;
+mod respond;
 mod state;
+mod stream;
 
 use std::sync::Arc;
 
@@ -48,6 +52,17 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::POST, "/state/create_or_update", post(state::create_or_update)),
         (Method::POST, "/state/create_or_update_safe", post(state::create_or_update_safe)),
         (Method::POST, "/web_backend/state/get_type", post(state::get_type)),
+        (Method::POST, "/state/history", post(history::history)),
+        (Method::POST, "/state/diff", post(history::diff)),
+        (Method::POST, "/state/restore", post(history::restore)),
+        (Method::POST, "/state/reset", post(history::reset)),
+        (Method::POST, "/state/stream/get", post(stream::get)),
+        (Method::POST, "/state/stream/set", post(stream::set)),
+        (Method::POST, "/state/stream/delete", post(stream::delete)),
+        (Method::POST, "/state/lease/acquire", post(lease::acquire)),
+        (Method::POST, "/state/lease/renew", post(lease::renew)),
+        (Method::POST, "/state/lease/release", post(lease::release)),
+        (Method::POST, "/state/lease/list", post(lease::list)),
         (Method::GET, "/health", get(meta::health)),
         (Method::GET, "/openapi", get(meta::openapi)),
     ]

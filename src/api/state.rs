@@ -1,33 +1,54 @@
 //! The Airbyte state endpoints: `state/get`, `state/create_or_update`,
 //! `state/create_or_update_safe` and `web_backend/state/get_type`.
+//! Bodies are exactly Airbyte's; Highwater adds the `ETag` header and
+//! accepts its write fields.
 
 use axum::extract::State;
-use axum::http::header;
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
+use axum::response::Response;
 
 use super::error::ApiError;
 use super::extract::JsonBody;
+use super::respond::{json, json_at, write_request};
 use super::AppState;
-use crate::state::wire;
+use crate::state::ops::Operation;
+use crate::state::wire::{self, highwater};
 
-/// `POST /v1/state/get`.
+/// `POST /v1/state/get`, optionally `revision` to read the past.
 pub async fn get(State(app): State<AppState>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
-    let id = wire::decode_connection_id_request(&body, app.limits.decode)?;
-    let state = app.store.read(id).await?;
-    Ok(json(wire::render_state(id, &state)))
+    let request = highwater::decode_get(&body, app.limits.decode)?;
+    let state = app.store.read_at(request.id, request.body).await?;
+    Ok(json_at(wire::render_state(request.id, &state), state.revision))
 }
 
-/// `POST /v1/state/create_or_update`: merge a write into the state.
-pub async fn create_or_update(State(app): State<AppState>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
-    let (id, write) = wire::decode_create_or_update(&body, app.limits.decode)?;
-    let state = app.store.write(id, write).await?;
-    Ok(json(wire::render_state(id, &state)))
+/// `POST /v1/state/create_or_update`: merge a write into the state. A live
+/// sync lease does not stop it (Airbyte's behaviour) unless it carries a
+/// stale token.
+pub async fn create_or_update(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    merge(app, headers, body, false).await
 }
 
-/// `POST /v1/state/create_or_update_safe`: the same as
-/// [`create_or_update`] while no sync lease exists to refuse it.
-pub async fn create_or_update_safe(state: State<AppState>, body: JsonBody) -> Result<Response, ApiError> {
-    create_or_update(state, body).await
+/// `POST /v1/state/create_or_update_safe`: the same, refused with 423 while
+/// a sync holds the connection.
+pub async fn create_or_update_safe(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    merge(app, headers, body, true).await
+}
+
+async fn merge(app: AppState, headers: HeaderMap, body: axum::body::Bytes, safe: bool) -> Result<Response, ApiError> {
+    let request = highwater::decode_write(&body, app.limits.decode)?;
+    let id = request.id;
+    let write = write_request(Operation::Merge(request.body), request.fields, &headers, safe, true)?;
+    let applied = app.store.apply(id, write).await?;
+    let state = applied.state.unwrap_or_default();
+    Ok(json_at(wire::render_state(id, &state), applied.revision))
 }
 
 /// `POST /v1/web_backend/state/get_type`: the type as a bare JSON string.
@@ -35,8 +56,4 @@ pub async fn get_type(State(app): State<AppState>, JsonBody(body): JsonBody) -> 
     let id = wire::decode_connection_id_request(&body, app.limits.decode)?;
     let state = app.store.read(id).await?;
     Ok(json(wire::render_type(state.state_type)))
-}
-
-fn json(body: Vec<u8>) -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }

@@ -6,8 +6,11 @@
 //! and a store applies the [`EntryOp`]s that [`plan_write`] returns.
 
 pub mod blob;
+pub mod history;
+pub mod ops;
 pub mod wire;
 
+use std::collections::HashMap;
 use std::fmt;
 
 use uuid::Uuid;
@@ -188,8 +191,9 @@ pub fn plan_write(stored: Option<StateType>, write: &StateWrite) -> Result<Vec<E
     Ok(ops)
 }
 
-/// One entry change a write really makes: an op whose blob differs from
-/// the stored one (or that deletes an entry that exists).
+/// One entry change a write really makes: an op whose blob (or pinned
+/// position) differs from what is stored, or that deletes an entry that
+/// exists.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change<'a> {
     /// The entry's encoded key ([`EntryKey::encode`]).
@@ -198,23 +202,32 @@ pub struct Change<'a> {
     pub blob: Option<&'a Blob>,
     /// Whether the entry exists before the change.
     pub existed: bool,
+    /// The position the entry takes: pinned by the plan, else the one it
+    /// has; `None` for a new entry (it goes last) or a delete.
+    pub seq: Option<i64>,
 }
 
-/// Compares the planned ops with the stored blobs of the keys they touch
-/// (`stored`, by encoded key) and keeps only the ops that change something,
-/// in order. An empty result means the write changes nothing and takes no
-/// revision.
-pub fn changes<'a>(ops: &'a [EntryOp], stored: &std::collections::HashMap<String, String>) -> Vec<Change<'a>> {
+/// Compares the planned ops with what is stored for the keys they touch
+/// (`stored`: blob and position by encoded key) and keeps only the ops that
+/// change something, in order. `pinned` gives positions an entry must take.
+/// An empty result means the write changes nothing and takes no revision.
+pub fn changes<'a>(
+    ops: &'a [EntryOp],
+    pinned: &HashMap<String, i64>,
+    stored: &HashMap<String, (String, i64)>,
+) -> Vec<Change<'a>> {
     ops.iter()
         .filter_map(|op| {
             let key = op.key.encode();
             let old = stored.get(&key);
+            let pin = pinned.get(&key).copied();
             let differs = match (old, &op.blob) {
                 (None, None) => false,
-                (Some(old), Some(new)) => old != new.as_str(),
+                (Some((blob, seq)), Some(new)) => blob != new.as_str() || pin.is_some_and(|p| p != *seq),
                 _ => true,
             };
-            differs.then(|| Change { existed: old.is_some(), key, blob: op.blob.as_ref() })
+            let seq = op.blob.as_ref().and(pin.or(old.map(|(_, seq)| *seq)));
+            differs.then(|| Change { existed: old.is_some(), key, blob: op.blob.as_ref(), seq })
         })
         .collect()
 }
@@ -295,12 +308,14 @@ mod tests {
 
     #[test]
     fn only_ops_that_change_something_are_changes() {
-        let stored: std::collections::HashMap<String, String> = [
-            (stream("same", None).encode(), "1".to_owned()),
-            (stream("other", None).encode(), "1".to_owned()),
-            (stream("gone", None).encode(), "1".to_owned()),
+        let stored: HashMap<String, (String, i64)> = [
+            (stream("same", None).encode(), ("1".to_owned(), 0)),
+            (stream("other", None).encode(), ("1".to_owned(), 1)),
+            (stream("gone", None).encode(), ("1".to_owned(), 2)),
+            (stream("moved", None).encode(), ("1".to_owned(), 3)),
         ]
         .into();
+        let pinned: HashMap<String, i64> = [(stream("moved", None).encode(), 9)].into();
         let op = |name: &str, blob: Option<&str>| EntryOp { key: stream(name, None), blob: blob.map(Blob::from_json) };
         let ops = [
             op("same", Some("1")),
@@ -308,11 +323,20 @@ mod tests {
             op("gone", None),
             op("absent", None),
             op("new", Some("null")),
+            op("moved", Some("1")),
         ];
-        let found: Vec<(String, bool, bool)> =
-            changes(&ops, &stored).into_iter().map(|c| (c.key, c.blob.is_some(), c.existed)).collect();
+        let found: Vec<(String, bool, bool, Option<i64>)> =
+            changes(&ops, &pinned, &stored).into_iter().map(|c| (c.key, c.blob.is_some(), c.existed, c.seq)).collect();
         let key = |name: &str| stream(name, None).encode();
-        assert_eq!(found, [(key("other"), true, true), (key("gone"), false, true), (key("new"), true, false)]);
+        assert_eq!(
+            found,
+            [
+                (key("other"), true, true, Some(1)),
+                (key("gone"), false, true, None),
+                (key("new"), true, false, None),
+                (key("moved"), true, true, Some(9)),
+            ]
+        );
     }
 
     #[test]

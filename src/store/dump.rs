@@ -9,10 +9,12 @@
 //! ```text
 //! {"connectionId":"…","stateType":"stream","revision":2,"nextSeq":2,
 //!  "entries":[{"key":"stream:[\"a\",null]","seq":0,"revision":1}, …],
-//!  "revisions":[{"revision":1,"createdAtMs":…,"stateType":"stream",
-//!                "changes":[{"key":"stream:[\"a\",null]","blob":{"cursor":1}}]}, …]}
+//!  "revisions":[{"revision":1,"createdAtMs":…,"stateType":"stream","actor":"…","reason":"…"}, …],
+//!  "changes":[{"revision":1,"key":"stream:[\"a\",null]","seq":0,"blob":{"cursor":1}}, …]}
 //! ```
-//! A change without `blob` deleted its entry; `"blob":null` set a literal null.
+//! A change without `blob` deleted its entry; `"blob":null` set a literal
+//! null. After retention pruning, changes older than the oldest kept
+//! revision remain where they are still part of a kept state.
 
 use std::collections::HashSet;
 
@@ -31,16 +33,26 @@ pub struct ConnectionDump {
     /// Current entries: (encoded key, seq, revision holding the blob).
     pub entries: Vec<(String, i64, u64)>,
     pub revisions: Vec<RevisionDump>,
+    pub changes: Vec<ChangeDump>,
 }
 
-/// One kept revision and what it changed.
+/// One kept revision.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RevisionDump {
     pub revision: u64,
     pub created_at_ms: i64,
     pub state_type: Option<StateType>,
-    /// (encoded key, new blob or `None` for a delete).
-    pub changes: Vec<(String, Option<Blob>)>,
+    pub actor: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// One stored change: the new blob and position, or `None` for a delete.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeDump {
+    pub revision: u64,
+    pub key: String,
+    pub blob: Option<Blob>,
+    pub seq: Option<i64>,
 }
 
 /// Why a dump line cannot be imported.
@@ -62,6 +74,7 @@ struct Line {
     next_seq: i64,
     entries: Vec<EntryLine>,
     revisions: Vec<RevisionLine>,
+    changes: Vec<ChangeLine>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -78,12 +91,18 @@ struct RevisionLine {
     created_at_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     state_type: Option<String>,
-    changes: Vec<ChangeLine>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    actor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct ChangeLine {
+    revision: u64,
     key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seq: Option<i64>,
     /// Present (even as `null`) for a set, absent for a delete.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present_raw")]
     blob: Option<Box<RawValue>>,
@@ -97,25 +116,17 @@ fn present_raw<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Box<
 impl ConnectionDump {
     /// Encodes the dump as one line of JSON, without the newline.
     pub fn to_line(&self) -> Result<String, DumpError> {
-        let raw = |blob: &Blob| {
-            RawValue::from_string(blob.as_str().to_owned())
-                .map_err(|e| DumpError::Syntax(format!("stored blob is not JSON: {e}")))
-        };
-        let revisions = self
-            .revisions
+        let changes = self
+            .changes
             .iter()
-            .map(|r| {
-                let changes = r
-                    .changes
-                    .iter()
-                    .map(|(key, blob)| Ok(ChangeLine { key: key.clone(), blob: blob.as_ref().map(raw).transpose()? }))
-                    .collect::<Result<_, DumpError>>()?;
-                Ok(RevisionLine {
-                    revision: r.revision,
-                    created_at_ms: r.created_at_ms,
-                    state_type: r.state_type.map(|t| t.as_str().to_owned()),
-                    changes,
-                })
+            .map(|c| {
+                let blob = c
+                    .blob
+                    .as_ref()
+                    .map(|blob| RawValue::from_string(blob.as_str().to_owned()))
+                    .transpose()
+                    .map_err(|e| DumpError::Syntax(format!("stored blob is not JSON: {e}")))?;
+                Ok(ChangeLine { revision: c.revision, key: c.key.clone(), seq: c.seq, blob })
             })
             .collect::<Result<_, DumpError>>()?;
         let line = Line {
@@ -128,7 +139,18 @@ impl ConnectionDump {
                 .iter()
                 .map(|(key, seq, revision)| EntryLine { key: key.clone(), seq: *seq, revision: *revision })
                 .collect(),
-            revisions,
+            revisions: self
+                .revisions
+                .iter()
+                .map(|r| RevisionLine {
+                    revision: r.revision,
+                    created_at_ms: r.created_at_ms,
+                    state_type: r.state_type.map(|t| t.as_str().to_owned()),
+                    actor: r.actor.clone(),
+                    reason: r.reason.clone(),
+                })
+                .collect(),
+            changes,
         };
         serde_json::to_string(&line).map_err(|e| DumpError::Syntax(e.to_string()))
     }
@@ -147,15 +169,24 @@ impl ConnectionDump {
         };
         let mut revisions = Vec::with_capacity(line.revisions.len());
         for r in line.revisions {
-            let changes =
-                r.changes.into_iter().map(|c| (c.key, c.blob.map(|raw| Blob::from_json(raw.get())))).collect();
             revisions.push(RevisionDump {
                 revision: r.revision,
                 created_at_ms: r.created_at_ms,
                 state_type: state_type(r.state_type)?,
-                changes,
+                actor: r.actor,
+                reason: r.reason,
             });
         }
+        let changes = line
+            .changes
+            .into_iter()
+            .map(|c| ChangeDump {
+                revision: c.revision,
+                key: c.key,
+                seq: c.seq,
+                blob: c.blob.map(|raw| Blob::from_json(raw.get())),
+            })
+            .collect();
         let dump = Self {
             id,
             state_type: state_type(line.state_type)?,
@@ -163,6 +194,7 @@ impl ConnectionDump {
             next_seq: line.next_seq,
             entries: line.entries.into_iter().map(|e| (e.key, e.seq, e.revision)).collect(),
             revisions,
+            changes,
         };
         dump.check().map_err(bad)?;
         Ok(dump)
@@ -176,11 +208,17 @@ impl ConnectionDump {
             if r.revision == 0 || r.revision > self.revision {
                 return Err(format!("revision {} is outside 1..={}", r.revision, self.revision));
             }
-            for (key, blob) in &r.changes {
-                EntryKey::decode(key).ok_or_else(|| format!("undecodable key {key:?}"))?;
-                if blob.is_some() {
-                    sets.insert((key.as_str(), r.revision));
-                }
+        }
+        for c in &self.changes {
+            if c.revision == 0 || c.revision > self.revision {
+                return Err(format!("a change at revision {} is outside 1..={}", c.revision, self.revision));
+            }
+            EntryKey::decode(&c.key).ok_or_else(|| format!("undecodable key {:?}", c.key))?;
+            if c.blob.is_some() != c.seq.is_some() {
+                return Err(format!("change of {:?} at {} has a blob without a position", c.key, c.revision));
+            }
+            if c.blob.is_some() {
+                sets.insert((c.key.as_str(), c.revision));
             }
         }
         let mut seqs = HashSet::new();
@@ -207,25 +245,30 @@ mod tests {
         let key = |name: &str| {
             EntryKey::Stream(crate::state::StreamDescriptor { name: name.to_owned(), namespace: None }).encode()
         };
+        let revision = |revision, actor: Option<&str>| RevisionDump {
+            revision,
+            created_at_ms: 1_700_000_000_000 + revision as i64,
+            state_type: Some(StateType::Stream),
+            actor: actor.map(str::to_owned),
+            reason: None,
+        };
+        let change = |revision, name: &str, blob: Option<&str>, seq| ChangeDump {
+            revision,
+            key: key(name),
+            blob: blob.map(Blob::from_json),
+            seq,
+        };
         ConnectionDump {
             id: ConnectionId::random(),
             state_type: Some(StateType::Stream),
             revision: 2,
             next_seq: 2,
             entries: vec![(key("b"), 1, 2)],
-            revisions: vec![
-                RevisionDump {
-                    revision: 1,
-                    created_at_ms: 1_700_000_000_000,
-                    state_type: Some(StateType::Stream),
-                    changes: vec![(key("a"), Some(Blob::from_json("null")))],
-                },
-                RevisionDump {
-                    revision: 2,
-                    created_at_ms: 1_700_000_000_001,
-                    state_type: Some(StateType::Stream),
-                    changes: vec![(key("a"), None), (key("b"), Some(Blob::from_json(r#"{"z":1.50,"a":1e3}"#)))],
-                },
+            revisions: vec![revision(1, Some("sync")), revision(2, None)],
+            changes: vec![
+                change(1, "a", Some("null"), Some(0)),
+                change(2, "a", None, None),
+                change(2, "b", Some(r#"{"z":1.50,"a":1e3}"#), Some(1)),
             ],
         }
     }

@@ -17,18 +17,54 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::state::{ConnectionId, StateWrite, StoredState, TypeConflict};
+use crate::state::history::{History, Retention};
+use crate::state::ops::{Guard, Lease, LeaseOp, Meta, Operation, Refusal, WriteRequest};
+use crate::state::{Blob, ConnectionId, StateWrite, StoredState, StreamDescriptor, TypeConflict};
 use dump::ConnectionDump;
 
-/// A backend holding connection states.
+/// A backend holding connection states and their history.
 #[async_trait]
 pub trait Store: Send + Sync {
-    /// The current state of a connection; an unknown one is empty.
-    async fn read(&self, id: ConnectionId) -> Result<StoredState, StoreError>;
+    /// The state of a connection now, or as it was at revision `at`. An
+    /// unknown connection is empty at revision 0.
+    async fn read_at(&self, id: ConnectionId, at: Option<u64>) -> Result<StoredState, StoreError>;
 
-    /// Applies one write atomically and durably, and returns the state after
-    /// it. A write that changes nothing creates no revision.
-    async fn write(&self, id: ConnectionId, write: StateWrite) -> Result<StoredState, StoreError>;
+    /// The current state of a connection.
+    async fn read(&self, id: ConnectionId) -> Result<StoredState, StoreError> {
+        self.read_at(id, None).await
+    }
+
+    /// A plain `create_or_update`: merges `write` without guards and returns
+    /// the state after it.
+    async fn write(&self, id: ConnectionId, write: StateWrite) -> Result<StoredState, StoreError> {
+        let request = WriteRequest {
+            operation: Operation::Merge(write),
+            guard: Guard::default(),
+            meta: Meta::default(),
+            return_state: true,
+        };
+        Ok(self.apply(id, request).await?.state.unwrap_or_default())
+    }
+
+    /// One stream's blob and the connection's revision.
+    async fn read_stream(&self, id: ConnectionId, stream: StreamDescriptor) -> Result<(u64, Option<Blob>), StoreError>;
+
+    /// Applies one write atomically and durably, checks included. A write
+    /// that changes nothing creates no revision.
+    async fn apply(&self, id: ConnectionId, request: WriteRequest) -> Result<Applied, StoreError>;
+
+    /// A page of history, newest first, of revisions before `before`.
+    async fn history(&self, id: ConnectionId, limit: usize, before: Option<u64>) -> Result<History, StoreError>;
+
+    /// Acquires, renews or releases a sync lease; `None` after a release.
+    async fn lease(&self, id: ConnectionId, op: LeaseOp) -> Result<Option<Lease>, StoreError>;
+
+    /// Live leases, of one connection or of all.
+    async fn leases(&self, id: Option<ConnectionId>) -> Result<Vec<(ConnectionId, Lease)>, StoreError>;
+
+    /// Removes history the policy no longer keeps, a connection at a time,
+    /// never holding up writers for long. Returns the revisions removed.
+    async fn prune(&self, policy: Retention) -> Result<u64, StoreError>;
 
     /// Checks that the storage answers.
     async fn ping(&self) -> Result<(), StoreError>;
@@ -49,6 +85,17 @@ pub trait Store: Send + Sync {
     async fn load(&self, dump: ConnectionDump, overwrite: bool) -> Result<LoadOutcome, StoreError>;
 }
 
+/// What an applied write did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    /// The connection's revision after the write.
+    pub revision: u64,
+    /// Whether the write created that revision (false: it changed nothing).
+    pub changed: bool,
+    /// The whole state after the write, when asked for.
+    pub state: Option<StoredState>,
+}
+
 /// What [`Store::load`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadOutcome {
@@ -58,12 +105,19 @@ pub enum LoadOutcome {
     Exists,
 }
 
+impl From<TypeConflict> for StoreError {
+    fn from(conflict: TypeConflict) -> Self {
+        Self::Refused(Refusal::TypeConflict(conflict))
+    }
+}
+
 /// What can go wrong in a store, classified once from the driver's error.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    /// The write breaks the state type rules; nothing was written.
+    /// The rules refuse the request (type change, revision mismatch,
+    /// lease); nothing was written.
     #[error(transparent)]
-    TypeConflict(#[from] TypeConflict),
+    Refused(#[from] Refusal),
     /// The storage cannot be reached or is locked or read-only; retrying
     /// later may succeed.
     #[error("storage unavailable: {0}")]

@@ -155,6 +155,11 @@ impl Errors {
         });
     }
 
+    /// How many errors are recorded.
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// The value when no error was recorded; otherwise all the errors.
     pub(super) fn finish<T>(self, value: Option<T>) -> Result<T, DecodeError> {
         match value {

@@ -6,7 +6,9 @@
 //! byte for byte. Every schema problem becomes a [`FieldError`] whose path
 //! uses Airbyte's notation (`connectionState.streamState[1].streamDescriptor.name`).
 
+pub mod highwater;
 mod json;
+pub mod responses;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -70,22 +72,7 @@ pub fn decode_connection_id_request(body: &[u8], limits: DecodeLimits) -> Result
 
 /// Decodes a `ConnectionStateCreateOrUpdate`.
 pub fn decode_create_or_update(body: &[u8], limits: DecodeLimits) -> Result<(ConnectionId, StateWrite), DecodeError> {
-    let top = decode_top(body, limits)?;
-    let mut errors = Errors::default();
-    let Some(top) = top else {
-        return errors.finish(None);
-    };
-    let id = connection_id(&top, &mut errors);
-    let write = match top.get("connectionState") {
-        None => {
-            errors.push("connectionState", None, "is required");
-            None
-        }
-        Some(raw) => object(raw, "connectionState", &mut errors)
-            .and_then(|state| state_write(&state, limits, &mut errors).transpose())
-            .transpose()?,
-    };
-    errors.finish(id.zip(write))
+    highwater::decode_write(body, limits).map(|decoded| (decoded.id, decoded.body))
 }
 
 /// Checks the body is UTF-8 JSON within the depth limit, and reads the top

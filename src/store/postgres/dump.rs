@@ -5,7 +5,7 @@ use deadpool_postgres::GenericClient;
 
 use super::classify;
 use crate::state::{Blob, ConnectionId, StateType};
-use crate::store::dump::{ConnectionDump, RevisionDump};
+use crate::store::dump::{ChangeDump, ConnectionDump, RevisionDump};
 use crate::store::{LoadOutcome, StoreError};
 
 /// Connection ids in ascending order after `after`.
@@ -49,9 +49,10 @@ pub async fn read(client: &impl GenericClient, id: ConnectionId) -> Result<Optio
         .iter()
         .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1), r.get::<_, i64>(2) as u64))
         .collect();
-    let mut revisions: Vec<RevisionDump> = client
+    let revisions = client
         .query(
-            "SELECT revision, created_at_ms, state_type FROM revisions WHERE connection_id = $1 ORDER BY revision",
+            "SELECT revision, created_at_ms, state_type, actor, reason FROM revisions \
+             WHERE connection_id = $1 ORDER BY revision",
             &[&id_text],
         )
         .await
@@ -61,24 +62,26 @@ pub async fn read(client: &impl GenericClient, id: ConnectionId) -> Result<Optio
             revision: r.get::<_, i64>(0) as u64,
             created_at_ms: r.get(1),
             state_type: r.get::<_, Option<String>>(2).as_deref().and_then(StateType::parse),
-            changes: Vec::new(),
+            actor: r.get(3),
+            reason: r.get(4),
         })
         .collect();
     let changes = client
         .query(
-            "SELECT revision, entry_key, blob FROM changes WHERE connection_id = $1 \
+            "SELECT revision, entry_key, blob, seq FROM changes WHERE connection_id = $1 \
              ORDER BY revision, entry_key COLLATE \"C\"",
             &[&id_text],
         )
         .await
-        .map_err(classify)?;
-    for row in &changes {
-        let revision = row.get::<_, i64>(0) as u64;
-        let target = revisions.iter_mut().find(|r| r.revision == revision).ok_or_else(|| {
-            StoreError::Internal(format!("change of {id} at revision {revision} has no revision row"))
-        })?;
-        target.changes.push((row.get(1), row.get::<_, Option<String>>(2).map(Blob::from_stored)));
-    }
+        .map_err(classify)?
+        .iter()
+        .map(|r| ChangeDump {
+            revision: r.get::<_, i64>(0) as u64,
+            key: r.get(1),
+            blob: r.get::<_, Option<String>>(2).map(Blob::from_stored),
+            seq: r.get(3),
+        })
+        .collect();
     Ok(Some(ConnectionDump {
         id,
         state_type: header.get::<_, Option<String>>(0).as_deref().and_then(StateType::parse),
@@ -86,6 +89,7 @@ pub async fn read(client: &impl GenericClient, id: ConnectionId) -> Result<Optio
         next_seq: header.get(2),
         entries,
         revisions,
+        changes,
     }))
 }
 
@@ -118,24 +122,24 @@ pub async fn load(
     let numbers: Vec<i64> = dump.revisions.iter().map(|r| r.revision as i64).collect();
     let times: Vec<i64> = dump.revisions.iter().map(|r| r.created_at_ms).collect();
     let types: Vec<Option<&str>> = dump.revisions.iter().map(|r| r.state_type.map(StateType::as_str)).collect();
+    let actors: Vec<Option<&str>> = dump.revisions.iter().map(|r| r.actor.as_deref()).collect();
+    let reasons: Vec<Option<&str>> = dump.revisions.iter().map(|r| r.reason.as_deref()).collect();
     tx.execute(
-        "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type) \
-         SELECT $1, r, t, s FROM unnest($2::int8[], $3::int8[], $4::text[]) AS u(r, t, s)",
-        &[&id, &numbers, &times, &types],
+        "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
+         SELECT $1, r, t, s, a, w FROM unnest($2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[]) \
+         AS u(r, t, s, a, w)",
+        &[&id, &numbers, &times, &types, &actors, &reasons],
     )
     .await
     .map_err(classify)?;
-    let changes = dump.revisions.iter().flat_map(|r| r.changes.iter().map(move |c| (r.revision as i64, c)));
-    let (mut revisions, mut keys, mut blobs) = (Vec::new(), Vec::new(), Vec::new());
-    for (revision, (key, blob)) in changes {
-        revisions.push(revision);
-        keys.push(key.as_str());
-        blobs.push(blob.as_ref().map(Blob::as_str));
-    }
+    let revisions: Vec<i64> = dump.changes.iter().map(|c| c.revision as i64).collect();
+    let keys: Vec<&str> = dump.changes.iter().map(|c| c.key.as_str()).collect();
+    let blobs: Vec<Option<&str>> = dump.changes.iter().map(|c| c.blob.as_ref().map(Blob::as_str)).collect();
+    let seqs: Vec<Option<i64>> = dump.changes.iter().map(|c| c.seq).collect();
     tx.execute(
-        "INSERT INTO changes (connection_id, revision, entry_key, blob) \
-         SELECT $1, r, k, b FROM unnest($2::int8[], $3::text[], $4::text[]) AS u(r, k, b)",
-        &[&id, &revisions, &keys, &blobs],
+        "INSERT INTO changes (connection_id, revision, entry_key, blob, seq) \
+         SELECT $1, r, k, b, s FROM unnest($2::int8[], $3::text[], $4::text[], $5::int8[]) AS u(r, k, b, s)",
+        &[&id, &revisions, &keys, &blobs, &seqs],
     )
     .await
     .map_err(classify)?;

@@ -10,6 +10,7 @@
 //! single statement, hence a single snapshot.
 
 mod dump;
+mod history;
 mod keyed_lock;
 mod queries;
 mod schema;
@@ -19,15 +20,18 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Transaction};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{IsolationLevel, NoTls};
+use uuid::Uuid;
 
 pub use schema::SchemaError;
 
 use super::dump::ConnectionDump;
-use super::{LoadOutcome, Store, StoreError};
-use crate::state::{ConnectionId, StateWrite, StoredState};
+use super::{Applied, LoadOutcome, Store, StoreError};
+use crate::state::history::{History, Retention};
+use crate::state::ops::{Lease, LeaseOp, WriteRequest};
+use crate::state::{Blob, ConnectionId, EntryKey, StoredState, StreamDescriptor};
 use keyed_lock::KeyedLock;
 
 /// Connection settings of the PostgreSQL backend.
@@ -125,24 +129,130 @@ impl Drop for Guarded {
     }
 }
 
-#[async_trait]
-impl Store for PostgresStore {
-    async fn read(&self, id: ConnectionId) -> Result<StoredState, StoreError> {
-        self.with_client(move |client| Box::pin(async move { queries::read_state(&*client, id).await })).await
-    }
+type Work<'t, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 't>>;
 
-    async fn write(&self, id: ConnectionId, write: StateWrite) -> Result<StoredState, StoreError> {
+impl PostgresStore {
+    /// Runs `work` in a transaction holding the connection's advisory lock,
+    /// after queueing on this node's lock for the same connection, and
+    /// commits it.
+    async fn locked<T, F>(&self, id: ConnectionId, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'t> FnOnce(&'t Transaction<'t>) -> Work<'t, T> + Send + 'static,
+    {
         let _queued = self.writers.lock(id).await;
         self.with_client(move |client| {
             Box::pin(async move {
                 let tx = client.transaction().await.map_err(classify)?;
                 tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(id)]).await.map_err(classify)?;
-                let state = queries::apply_write(&tx, id, &write).await?;
+                let output = work(&tx).await?;
                 tx.commit().await.map_err(classify)?;
-                Ok(state)
+                Ok(output)
             })
         })
         .await
+    }
+
+    /// Runs `work` in a read-only repeatable-read transaction: one snapshot
+    /// for several statements.
+    async fn snapshot<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'t> FnOnce(&'t Transaction<'t>) -> Work<'t, T> + Send + 'static,
+    {
+        self.with_client(move |client| {
+            Box::pin(async move {
+                let tx = client
+                    .build_transaction()
+                    .isolation_level(IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .await
+                    .map_err(classify)?;
+                let output = work(&tx).await?;
+                tx.commit().await.map_err(classify)?;
+                Ok(output)
+            })
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn read_at(&self, id: ConnectionId, at: Option<u64>) -> Result<StoredState, StoreError> {
+        let Some(revision) = at else {
+            return self
+                .with_client(move |client| Box::pin(async move { queries::read_state(&*client, id).await }))
+                .await;
+        };
+        self.snapshot(move |tx| {
+            Box::pin(async move {
+                let (state_type, entries) = queries::state_at(tx, id, revision).await?;
+                let entries = entries.into_iter().map(|(key, _, blob)| (key, blob)).collect();
+                Ok(StoredState { state_type, revision, entries })
+            })
+        })
+        .await
+    }
+
+    async fn read_stream(&self, id: ConnectionId, stream: StreamDescriptor) -> Result<(u64, Option<Blob>), StoreError> {
+        self.snapshot(move |tx| {
+            Box::pin(async move {
+                let revision = queries::header(tx, id).await?.map_or(0, |(_, revision, _)| revision);
+                Ok((revision, queries::entry_blob(tx, id, &EntryKey::Stream(stream)).await?))
+            })
+        })
+        .await
+    }
+
+    async fn apply(&self, id: ConnectionId, request: WriteRequest) -> Result<Applied, StoreError> {
+        self.locked(id, move |tx| Box::pin(async move { queries::apply(tx, id, &request).await })).await
+    }
+
+    async fn history(&self, id: ConnectionId, limit: usize, before: Option<u64>) -> Result<History, StoreError> {
+        self.snapshot(move |tx| Box::pin(async move { history::history(tx, id, limit, before).await })).await
+    }
+
+    async fn lease(&self, id: ConnectionId, op: LeaseOp) -> Result<Option<Lease>, StoreError> {
+        let token = Uuid::new_v4().to_string();
+        self.locked(id, move |tx| Box::pin(async move { history::lease(tx, id, &op, token).await })).await
+    }
+
+    async fn leases(&self, id: Option<ConnectionId>) -> Result<Vec<(ConnectionId, Lease)>, StoreError> {
+        self.with_client(move |client| Box::pin(async move { history::leases(&*client, id).await })).await
+    }
+
+    async fn prune(&self, policy: Retention) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        let mut after = None;
+        loop {
+            let ids = self.list_connections(after, 500).await?;
+            let Some(last) = ids.last().copied() else {
+                return Ok(removed);
+            };
+            for id in ids {
+                // Skip a connection being written now rather than wait for it.
+                removed += self
+                    .with_client(move |client| {
+                        Box::pin(async move {
+                            let tx = client.transaction().await.map_err(classify)?;
+                            let row = tx
+                                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&lock_key(id)])
+                                .await
+                                .map_err(classify)?;
+                            if !row.get::<_, bool>(0) {
+                                return Ok(0);
+                            }
+                            let removed = history::prune(&tx, id, policy).await?;
+                            tx.commit().await.map_err(classify)?;
+                            Ok(removed)
+                        })
+                    })
+                    .await?;
+            }
+            after = Some(last);
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -161,35 +271,12 @@ impl Store for PostgresStore {
     }
 
     async fn dump(&self, id: ConnectionId) -> Result<Option<ConnectionDump>, StoreError> {
-        self.with_client(move |client| {
-            Box::pin(async move {
-                let tx = client
-                    .build_transaction()
-                    .isolation_level(IsolationLevel::RepeatableRead)
-                    .read_only(true)
-                    .start()
-                    .await
-                    .map_err(classify)?;
-                let record = dump::read(&tx, id).await?;
-                tx.commit().await.map_err(classify)?;
-                Ok(record)
-            })
-        })
-        .await
+        self.snapshot(move |tx| Box::pin(async move { dump::read(tx, id).await })).await
     }
 
     async fn load(&self, record: ConnectionDump, overwrite: bool) -> Result<LoadOutcome, StoreError> {
-        let _queued = self.writers.lock(record.id).await;
-        self.with_client(move |client| {
-            Box::pin(async move {
-                let tx = client.transaction().await.map_err(classify)?;
-                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(record.id)]).await.map_err(classify)?;
-                let outcome = dump::load(&tx, &record, overwrite).await?;
-                tx.commit().await.map_err(classify)?;
-                Ok(outcome)
-            })
-        })
-        .await
+        let id = record.id;
+        self.locked(id, move |tx| Box::pin(async move { dump::load(tx, &record, overwrite).await })).await
     }
 }
 

@@ -1,14 +1,16 @@
 //! The SQL of reading and writing one connection's state on PostgreSQL.
 //! Multi-row changes go in one statement each (`unnest` of arrays), so a
-//! write costs a fixed number of round trips whatever it touches.
+//! write costs a fixed number of round trips whatever it touches. Time
+//! (revisions, lease expiry) is the database's clock, shared by all nodes.
 
 use std::collections::HashMap;
 
 use deadpool_postgres::GenericClient;
 
 use super::classify;
-use crate::state::{changes, plan_write, Blob, ConnectionId, EntryKey, StateType, StateWrite, StoredState};
-use crate::store::StoreError;
+use crate::state::ops::{check_guard, plan, Context, Lease, Needs, Refusal, WriteRequest};
+use crate::state::{changes, Blob, ConnectionId, EntryKey, StateType, StoredState};
+use crate::store::{Applied, StoreError};
 
 /// One statement, one snapshot: the header and every entry in order.
 const READ_STATE: &str = "SELECT c.state_type, c.revision, e.entry_key, ch.blob \
@@ -17,6 +19,11 @@ const READ_STATE: &str = "SELECT c.state_type, c.revision, e.entry_key, ch.blob 
      LEFT JOIN changes ch ON ch.connection_id = e.connection_id \
        AND ch.revision = e.revision AND ch.entry_key = e.entry_key \
      WHERE c.connection_id = $1 ORDER BY e.seq";
+
+/// The database clock in Unix milliseconds, and the connection's lease row.
+const NOW_AND_LEASE: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint, \
+     l.holder, l.token, l.expires_at_ms \
+     FROM (SELECT 1) one LEFT JOIN leases l ON l.connection_id = $1";
 
 /// Reads the whole current state of a connection.
 pub async fn read_state(client: &impl GenericClient, id: ConnectionId) -> Result<StoredState, StoreError> {
@@ -33,95 +40,163 @@ pub async fn read_state(client: &impl GenericClient, id: ConnectionId) -> Result
         let (Some(key), Some(blob)) = (row.get::<_, Option<String>>(2), row.get::<_, Option<String>>(3)) else {
             continue;
         };
-        let key = EntryKey::decode(&key)
-            .ok_or_else(|| StoreError::Internal(format!("undecodable entry key {key:?} for {id}")))?;
-        entries.push((key, Blob::from_stored(blob)));
+        entries.push((decode_key(&key, id)?, Blob::from_stored(blob)));
     }
     Ok(StoredState { state_type, revision: revision as u64, entries })
 }
 
-/// Applies a write inside the caller's transaction, which already holds the
-/// connection's advisory lock. Returns the new state.
-pub async fn apply_write(
-    tx: &deadpool_postgres::Transaction<'_>,
+/// The type, revision and next position of a connection, if ever written.
+pub async fn header(
+    client: &impl GenericClient,
     id: ConnectionId,
-    write: &StateWrite,
-) -> Result<StoredState, StoreError> {
-    let id_text = id.to_string();
-    let header = tx
+) -> Result<Option<(Option<StateType>, u64, i64)>, StoreError> {
+    let statement = client
         .prepare_cached("SELECT state_type, revision, next_seq FROM connections WHERE connection_id = $1")
         .await
         .map_err(classify)?;
-    let header = tx.query_opt(&header, &[&id_text]).await.map_err(classify)?;
-    let (stored_type, revision, mut next_seq) = match &header {
-        Some(row) => (parse_type(row.get(0), id)?, row.get::<_, i64>(1), row.get::<_, i64>(2)),
-        None => (None, 0, 0),
-    };
-    let ops = plan_write(stored_type, write)?;
-    let keys: Vec<String> = ops.iter().map(|op| op.key.encode()).collect();
-    let current = tx
+    let row = client.query_opt(&statement, &[&id.to_string()]).await.map_err(classify)?;
+    row.map(|row| Ok((parse_type(row.get(0), id)?, row.get::<_, i64>(1) as u64, row.get::<_, i64>(2)))).transpose()
+}
+
+/// The state as it was at `revision`, with each entry's position.
+pub async fn state_at(
+    client: &impl GenericClient,
+    id: ConnectionId,
+    revision: u64,
+) -> Result<(Option<StateType>, Vec<(EntryKey, i64, Blob)>), StoreError> {
+    let id_text = id.to_string();
+    let current = header(client, id).await?.map_or(0, |(_, r, _)| r);
+    if revision > current {
+        return Err(Refusal::RevisionNotFound { revision, current }.into());
+    }
+    if revision == 0 {
+        return Ok((None, Vec::new()));
+    }
+    let at = revision as i64;
+    let row = client
+        .query_one(
+            "SELECT (SELECT min(revision) FROM revisions WHERE connection_id = $1), \
+                    (SELECT state_type FROM revisions WHERE connection_id = $1 AND revision = $2)",
+            &[&id_text, &at],
+        )
+        .await
+        .map_err(classify)?;
+    let oldest = row.get::<_, Option<i64>>(0).unwrap_or(0) as u64;
+    if revision < oldest {
+        return Err(Refusal::RevisionPruned { revision, oldest }.into());
+    }
+    let state_type = parse_type(row.get(1), id)?;
+    let statement = client
         .prepare_cached(
-            "SELECT e.entry_key, ch.blob FROM entries e \
+            "SELECT DISTINCT ON (entry_key) entry_key, seq, blob FROM changes \
+             WHERE connection_id = $1 AND revision <= $2 ORDER BY entry_key, revision DESC",
+        )
+        .await
+        .map_err(classify)?;
+    let rows = client.query(&statement, &[&id_text, &at]).await.map_err(classify)?;
+    let mut entries = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if let (Some(seq), Some(blob)) = (row.get::<_, Option<i64>>(1), row.get::<_, Option<String>>(2)) {
+            entries.push((decode_key(row.get(0), id)?, seq, Blob::from_stored(blob)));
+        }
+    }
+    entries.sort_by_key(|(_, seq, _)| *seq);
+    Ok((state_type, entries))
+}
+
+/// Applies a write inside the caller's transaction, which already holds the
+/// connection's advisory lock.
+pub async fn apply(
+    tx: &deadpool_postgres::Transaction<'_>,
+    id: ConnectionId,
+    request: &WriteRequest,
+) -> Result<Applied, StoreError> {
+    let id_text = id.to_string();
+    let (stored_type, revision, mut next_seq) = header(tx, id).await?.unwrap_or((None, 0, 0));
+    let (now_ms, lease) = now_and_lease(tx, id).await?;
+    check_guard(&request.guard, revision, lease.as_ref().filter(|l| l.is_live(now_ms)))?;
+    let context = match request.operation.needs() {
+        Needs::Nothing => Context::default(),
+        Needs::CurrentKeys => Context { current_keys: current_keys(tx, id).await?, target: None },
+        Needs::Revision(at) => {
+            Context { target: Some(state_at(tx, id, at).await?), current_keys: current_keys(tx, id).await? }
+        }
+    };
+    let plan = plan(&request.operation, stored_type, &context)?;
+    let keys: Vec<String> = plan.ops.iter().map(|op| op.key.encode()).collect();
+    let statement = tx
+        .prepare_cached(
+            "SELECT e.entry_key, ch.blob, e.seq FROM entries e \
              JOIN changes ch ON ch.connection_id = e.connection_id \
               AND ch.revision = e.revision AND ch.entry_key = e.entry_key \
              WHERE e.connection_id = $1 AND e.entry_key = ANY($2)",
         )
         .await
         .map_err(classify)?;
-    let stored: HashMap<String, String> = tx
-        .query(&current, &[&id_text, &keys])
+    let stored: HashMap<String, (String, i64)> = tx
+        .query(&statement, &[&id_text, &keys])
         .await
         .map_err(classify)?
         .into_iter()
-        .map(|row| (row.get(0), row.get(1)))
+        .map(|row| (row.get(0), (row.get(1), row.get(2))))
         .collect();
-    let changed = changes(&ops, &stored);
+    let changed = changes(&plan.ops, &plan.pinned_seqs, &stored);
     if changed.is_empty() {
-        return read_state(tx, id).await;
+        let state = if request.return_state { Some(read_state(tx, id).await?) } else { None };
+        return Ok(Applied { revision, changed: false, state });
     }
 
-    let revision = revision + 1;
+    let revision = (revision + 1) as i64;
+    let mut seqs: Vec<Option<i64>> = Vec::with_capacity(changed.len());
+    let (mut added, mut added_seqs, mut updated, mut updated_seqs, mut deleted) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for change in &changed {
+        if change.blob.is_none() {
+            seqs.push(None);
+            deleted.push(change.key.as_str());
+            continue;
+        }
+        let seq = change.seq.unwrap_or_else(|| {
+            next_seq += 1;
+            next_seq - 1
+        });
+        seqs.push(Some(seq));
+        if change.existed {
+            updated.push(change.key.as_str());
+            updated_seqs.push(seq);
+        } else {
+            added.push(change.key.as_str());
+            added_seqs.push(seq);
+        }
+    }
     let changed_keys: Vec<&str> = changed.iter().map(|c| c.key.as_str()).collect();
     let blobs: Vec<Option<&str>> = changed.iter().map(|c| c.blob.map(Blob::as_str)).collect();
     exec(
         tx,
-        "INSERT INTO changes (connection_id, revision, entry_key, blob) \
-         SELECT $1, $2, k, b FROM unnest($3::text[], $4::text[]) AS t(k, b)",
-        &[&id_text, &revision, &changed_keys, &blobs],
+        "INSERT INTO changes (connection_id, revision, entry_key, blob, seq) \
+         SELECT $1, $2, k, b, s FROM unnest($3::text[], $4::text[], $5::int8[]) AS t(k, b, s)",
+        &[&id_text, &revision, &changed_keys, &blobs, &seqs],
     )
     .await?;
-    let mut added = Vec::new();
-    let mut seqs = Vec::new();
-    let mut updated = Vec::new();
-    let mut deleted = Vec::new();
-    for change in &changed {
-        match (change.blob.is_some(), change.existed) {
-            (true, false) => {
-                added.push(change.key.as_str());
-                seqs.push(next_seq);
-                next_seq += 1;
-            }
-            (true, true) => updated.push(change.key.as_str()),
-            (false, _) => deleted.push(change.key.as_str()),
-        }
-    }
-    if !added.is_empty() {
-        let sql = "INSERT INTO entries (connection_id, entry_key, seq, revision) \
-                   SELECT $1, k, s, $2 FROM unnest($3::text[], $4::int8[]) AS t(k, s)";
-        exec(tx, sql, &[&id_text, &revision, &added, &seqs]).await?;
-    }
-    if !updated.is_empty() {
-        let sql = "UPDATE entries SET revision = $2 WHERE connection_id = $1 AND entry_key = ANY($3)";
-        exec(tx, sql, &[&id_text, &revision, &updated]).await?;
-    }
+    // Deletes first: a restore may give a kept entry the place of one it removes.
     if !deleted.is_empty() {
         let sql = "DELETE FROM entries WHERE connection_id = $1 AND entry_key = ANY($2)";
         exec(tx, sql, &[&id_text, &deleted]).await?;
     }
+    if !updated.is_empty() {
+        let sql = "UPDATE entries e SET revision = $2, seq = u.s FROM unnest($3::text[], $4::int8[]) AS u(k, s) \
+                   WHERE e.connection_id = $1 AND e.entry_key = u.k";
+        exec(tx, sql, &[&id_text, &revision, &updated, &updated_seqs]).await?;
+    }
+    if !added.is_empty() {
+        let sql = "INSERT INTO entries (connection_id, entry_key, seq, revision) \
+                   SELECT $1, k, s, $2 FROM unnest($3::text[], $4::int8[]) AS t(k, s)";
+        exec(tx, sql, &[&id_text, &revision, &added, &added_seqs]).await?;
+    }
     let remaining =
         tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM entries WHERE connection_id = $1)").await.map_err(classify)?;
     let remaining: bool = tx.query_one(&remaining, &[&id_text]).await.map_err(classify)?.get(0);
-    let new_type = remaining.then_some(write.state_type).map(StateType::as_str);
+    let new_type = plan.state_type.filter(|_| remaining).map(StateType::as_str);
     exec(
         tx,
         "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES ($1, $2, $3, $4) \
@@ -131,15 +206,54 @@ pub async fn apply_write(
     .await?;
     exec(
         tx,
-        "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type) \
-         VALUES ($1, $2, (extract(epoch FROM clock_timestamp()) * 1000)::bigint, $3)",
-        &[&id_text, &revision, &new_type],
+        "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[&id_text, &revision, &now_ms, &new_type, &request.meta.actor, &request.meta.reason],
     )
     .await?;
-    read_state(tx, id).await
+    let state = if request.return_state { Some(read_state(tx, id).await?) } else { None };
+    Ok(Applied { revision: revision as u64, changed: true, state })
 }
 
-async fn exec(
+/// The database's clock and the connection's lease row (live or not).
+pub async fn now_and_lease(client: &impl GenericClient, id: ConnectionId) -> Result<(i64, Option<Lease>), StoreError> {
+    let statement = client.prepare_cached(NOW_AND_LEASE).await.map_err(classify)?;
+    let row = client.query_one(&statement, &[&id.to_string()]).await.map_err(classify)?;
+    let lease = match (row.get::<_, Option<String>>(1), row.get::<_, Option<String>>(2), row.get(3)) {
+        (Some(holder), Some(token), Some(expires_at_ms)) => Some(Lease { holder, token, expires_at_ms }),
+        _ => None,
+    };
+    Ok((row.get(0), lease))
+}
+
+/// The keys of the current entries, in order.
+pub async fn current_keys(client: &impl GenericClient, id: ConnectionId) -> Result<Vec<EntryKey>, StoreError> {
+    let rows = client
+        .query("SELECT entry_key FROM entries WHERE connection_id = $1 ORDER BY seq", &[&id.to_string()])
+        .await
+        .map_err(classify)?;
+    rows.iter().map(|row| decode_key(row.get(0), id)).collect()
+}
+
+/// The current blob of one entry.
+pub async fn entry_blob(
+    client: &impl GenericClient,
+    id: ConnectionId,
+    key: &EntryKey,
+) -> Result<Option<Blob>, StoreError> {
+    let statement = client
+        .prepare_cached(
+            "SELECT ch.blob FROM entries e JOIN changes ch ON ch.connection_id = e.connection_id \
+              AND ch.revision = e.revision AND ch.entry_key = e.entry_key \
+             WHERE e.connection_id = $1 AND e.entry_key = $2",
+        )
+        .await
+        .map_err(classify)?;
+    let row = client.query_opt(&statement, &[&id.to_string(), &key.encode()]).await.map_err(classify)?;
+    Ok(row.map(|row| Blob::from_stored(row.get(0))))
+}
+
+pub async fn exec(
     client: &impl GenericClient,
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
@@ -148,11 +262,11 @@ async fn exec(
     client.execute(&statement, params).await.map(drop).map_err(classify)
 }
 
+pub fn decode_key(text: &str, id: ConnectionId) -> Result<EntryKey, StoreError> {
+    EntryKey::decode(text).ok_or_else(|| StoreError::Internal(format!("undecodable entry key {text:?} for {id}")))
+}
+
 fn parse_type(text: Option<String>, id: ConnectionId) -> Result<Option<StateType>, StoreError> {
-    match text {
-        None => Ok(None),
-        Some(text) => StateType::parse(&text)
-            .map(Some)
-            .ok_or_else(|| StoreError::Internal(format!("unknown state type {text:?} for {id}"))),
-    }
+    text.map(|t| StateType::parse(&t).ok_or_else(|| StoreError::Internal(format!("unknown state type {t:?} for {id}"))))
+        .transpose()
 }

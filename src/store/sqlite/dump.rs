@@ -4,7 +4,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::classify;
 use crate::state::{Blob, ConnectionId, StateType};
-use crate::store::dump::{ConnectionDump, RevisionDump};
+use crate::store::dump::{ChangeDump, ConnectionDump, RevisionDump};
 use crate::store::{LoadOutcome, StoreError};
 
 /// Connection ids in ascending order after `after`.
@@ -45,37 +45,38 @@ pub fn read(conn: &Connection, id: ConnectionId) -> Result<Option<ConnectionDump
         .map_err(classify)?;
     let mut stmt = conn
         .prepare_cached(
-            "SELECT revision, created_at_ms, state_type FROM revisions WHERE connection_id = ?1 ORDER BY revision",
+            "SELECT revision, created_at_ms, state_type, actor, reason FROM revisions \
+             WHERE connection_id = ?1 ORDER BY revision",
         )
         .map_err(classify)?;
-    let mut revisions = stmt
+    let revisions = stmt
         .query_map([&id_text], |r| {
             Ok(RevisionDump {
                 revision: r.get::<_, i64>(0)? as u64,
                 created_at_ms: r.get(1)?,
                 state_type: r.get::<_, Option<String>>(2)?.as_deref().and_then(StateType::parse),
-                changes: Vec::new(),
+                actor: r.get(3)?,
+                reason: r.get(4)?,
             })
         })
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
         .map_err(classify)?;
     let mut stmt = conn
         .prepare_cached(
-            "SELECT revision, entry_key, blob FROM changes WHERE connection_id = ?1 ORDER BY revision, entry_key",
+            "SELECT revision, entry_key, blob, seq FROM changes WHERE connection_id = ?1 ORDER BY revision, entry_key",
         )
         .map_err(classify)?;
     let changes = stmt
         .query_map([&id_text], |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?))
+            Ok(ChangeDump {
+                revision: r.get::<_, i64>(0)? as u64,
+                key: r.get(1)?,
+                blob: r.get::<_, Option<String>>(2)?.map(Blob::from_stored),
+                seq: r.get(3)?,
+            })
         })
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
         .map_err(classify)?;
-    for change in changes {
-        let (revision, key, blob) = change.map_err(classify)?;
-        let target = revisions.iter_mut().find(|r| r.revision == revision).ok_or_else(|| {
-            StoreError::Internal(format!("change of {id} at revision {revision} has no revision row"))
-        })?;
-        target.changes.push((key, blob.map(Blob::from_stored)));
-    }
     Ok(Some(ConnectionDump {
         id,
         state_type: state_type.as_deref().and_then(StateType::parse),
@@ -83,6 +84,7 @@ pub fn read(conn: &Connection, id: ConnectionId) -> Result<Option<ConnectionDump
         next_seq,
         entries,
         revisions,
+        changes,
     }))
 }
 
@@ -106,20 +108,25 @@ pub fn load(conn: &Connection, dump: &ConnectionDump, overwrite: bool) -> Result
     .map_err(classify)?;
     let mut revision_row = conn
         .prepare_cached(
-            "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )
-        .map_err(classify)?;
-    let mut change_row = conn
-        .prepare_cached("INSERT INTO changes (connection_id, revision, entry_key, blob) VALUES (?1, ?2, ?3, ?4)")
         .map_err(classify)?;
     for r in &dump.revisions {
         let state_type = r.state_type.map(StateType::as_str);
-        revision_row.execute(params![id, r.revision as i64, r.created_at_ms, state_type]).map_err(classify)?;
-        for (key, blob) in &r.changes {
-            change_row
-                .execute(params![id, r.revision as i64, key, blob.as_ref().map(Blob::as_str)])
-                .map_err(classify)?;
-        }
+        revision_row
+            .execute(params![id, r.revision as i64, r.created_at_ms, state_type, r.actor, r.reason])
+            .map_err(classify)?;
+    }
+    let mut change_row = conn
+        .prepare_cached(
+            "INSERT INTO changes (connection_id, revision, entry_key, blob, seq) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(classify)?;
+    for c in &dump.changes {
+        change_row
+            .execute(params![id, c.revision as i64, c.key, c.blob.as_ref().map(Blob::as_str), c.seq])
+            .map_err(classify)?;
     }
     let mut entry_row = conn
         .prepare_cached("INSERT INTO entries (connection_id, entry_key, seq, revision) VALUES (?1, ?2, ?3, ?4)")

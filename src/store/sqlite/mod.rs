@@ -8,6 +8,7 @@
 //! a small pool of read-only connections and never wait for the writer.
 
 mod dump;
+mod history;
 mod queries;
 mod schema;
 
@@ -19,12 +20,15 @@ use std::thread;
 use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use uuid::Uuid;
 
 pub use schema::OpenError;
 
 use super::dump::ConnectionDump;
-use super::{LoadOutcome, Store, StoreError};
-use crate::state::{ConnectionId, StateWrite, StoredState};
+use super::{Applied, LoadOutcome, Store, StoreError};
+use crate::state::history::{History, Retention};
+use crate::state::ops::{Lease, LeaseOp, WriteRequest};
+use crate::state::{Blob, ConnectionId, EntryKey, StoredState, StreamDescriptor};
 
 /// How many writes one commit may carry.
 const MAX_GROUP: usize = 256;
@@ -129,12 +133,57 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn read(&self, id: ConnectionId) -> Result<StoredState, StoreError> {
-        self.with_reader(move |conn| queries::read_state(conn, id)).await
+    async fn read_at(&self, id: ConnectionId, at: Option<u64>) -> Result<StoredState, StoreError> {
+        self.with_reader(move |conn| match at {
+            None => queries::read_state(conn, id),
+            Some(revision) => {
+                let (state_type, entries) = queries::state_at(conn, id, revision)?;
+                let entries = entries.into_iter().map(|(key, _, blob)| (key, blob)).collect();
+                Ok(StoredState { state_type, revision, entries })
+            }
+        })
+        .await
     }
 
-    async fn write(&self, id: ConnectionId, write: StateWrite) -> Result<StoredState, StoreError> {
-        self.submit(move |conn| queries::apply_write(conn, id, &write)).await
+    async fn read_stream(&self, id: ConnectionId, stream: StreamDescriptor) -> Result<(u64, Option<Blob>), StoreError> {
+        self.with_reader(move |conn| {
+            let revision = queries::header(conn, &id.to_string())?.map_or(0, |(_, revision, _)| revision);
+            Ok((revision, queries::entry_blob(conn, id, &EntryKey::Stream(stream))?))
+        })
+        .await
+    }
+
+    async fn apply(&self, id: ConnectionId, request: WriteRequest) -> Result<Applied, StoreError> {
+        self.submit(move |conn| queries::apply(conn, id, &request, now_ms())).await
+    }
+
+    async fn history(&self, id: ConnectionId, limit: usize, before: Option<u64>) -> Result<History, StoreError> {
+        self.with_reader(move |conn| history::history(conn, id, limit, before)).await
+    }
+
+    async fn lease(&self, id: ConnectionId, op: LeaseOp) -> Result<Option<Lease>, StoreError> {
+        let token = Uuid::new_v4().to_string();
+        self.submit(move |conn| history::lease(conn, id, &op, now_ms(), token)).await
+    }
+
+    async fn leases(&self, id: Option<ConnectionId>) -> Result<Vec<(ConnectionId, Lease)>, StoreError> {
+        self.with_reader(move |conn| history::leases(conn, id, now_ms())).await
+    }
+
+    async fn prune(&self, policy: Retention) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        let mut after = None;
+        loop {
+            let ids = self.list_connections(after, 500).await?;
+            let Some(last) = ids.last().copied() else {
+                return Ok(removed);
+            };
+            // One short job per connection, so writers queue behind at most one.
+            for id in ids {
+                removed += self.submit(move |conn| history::prune(conn, id, policy, now_ms())).await?;
+            }
+            after = Some(last);
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -228,6 +277,11 @@ fn classify(error: rusqlite::Error) -> StoreError {
         ) => StoreError::Unavailable(error.to_string()),
         _ => StoreError::Internal(error.to_string()),
     }
+}
+
+/// Unix time in milliseconds, the clock of revisions and leases.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 fn poisoned() -> StoreError {

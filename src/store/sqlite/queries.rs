@@ -1,19 +1,22 @@
 //! The SQL of reading and writing one connection's state. Every function
-//! runs inside a transaction its caller holds.
+//! runs inside a transaction (or savepoint) its caller holds.
 
 use std::collections::HashMap;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::classify;
-use crate::state::{changes, plan_write, Blob, Change, ConnectionId, EntryKey, StateType, StateWrite, StoredState};
-use crate::store::StoreError;
+use crate::state::ops::{check_guard, plan, Context, Lease, Needs, Refusal, WriteRequest};
+use crate::state::{changes, Blob, Change, ConnectionId, EntryKey, EntryOp, StateType, StoredState};
+use crate::store::{Applied, StoreError};
+
+/// A connection's row: type, revision, next entry position.
+pub type Header = (Option<StateType>, u64, i64);
 
 /// Reads the whole current state of a connection.
 pub fn read_state(conn: &Connection, id: ConnectionId) -> Result<StoredState, StoreError> {
     let id_text = id.to_string();
-    let Some((state_type, revision)) = header(conn, &id_text)? else {
+    let Some((state_type, revision, _)) = header(conn, &id_text)? else {
         return Ok(StoredState::default());
     };
     let mut stmt = conn
@@ -24,52 +27,89 @@ pub fn read_state(conn: &Connection, id: ConnectionId) -> Result<StoredState, St
              WHERE e.connection_id = ?1 ORDER BY e.seq",
         )
         .map_err(classify)?;
-    let rows =
-        stmt.query_map([&id_text], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))).map_err(classify)?;
+    let rows = stmt.query_map([&id_text], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)));
     let mut entries = Vec::new();
-    for row in rows {
+    for row in rows.map_err(classify)? {
         let (key, blob) = row.map_err(classify)?;
-        let key = EntryKey::decode(&key)
-            .ok_or_else(|| StoreError::Internal(format!("undecodable entry key {key:?} for {id}")))?;
-        entries.push((key, Blob::from_stored(blob)));
+        entries.push((decode_key(&key, id)?, Blob::from_stored(blob)));
     }
     Ok(StoredState { state_type, revision, entries })
 }
 
-/// Applies a write: type rules, then each op that really changes something,
-/// all recorded under the connection's next revision. Returns the new state.
-pub fn apply_write(conn: &Connection, id: ConnectionId, write: &StateWrite) -> Result<StoredState, StoreError> {
+/// Reads the state as it was at `revision`, with each entry's position.
+pub fn state_at(
+    conn: &Connection,
+    id: ConnectionId,
+    revision: u64,
+) -> Result<(Option<StateType>, Vec<(EntryKey, i64, Blob)>), StoreError> {
     let id_text = id.to_string();
-    let current = header(conn, &id_text)?;
-    let (stored_type, revision) = current.unwrap_or((None, 0));
-    let ops = plan_write(stored_type, write)?;
-
-    let mut stored = HashMap::with_capacity(ops.len());
-    for op in &ops {
-        let key = op.key.encode();
-        if let Some(blob) = current_blob(conn, &id_text, &key)? {
-            stored.insert(key, blob);
-        }
+    let current = header(conn, &id_text)?.map_or(0, |(_, r, _)| r);
+    if revision > current {
+        return Err(Refusal::RevisionNotFound { revision, current }.into());
     }
-    let changed = changes(&ops, &stored);
+    if revision == 0 {
+        return Ok((None, Vec::new()));
+    }
+    let oldest: Option<i64> = conn
+        .prepare_cached("SELECT min(revision) FROM revisions WHERE connection_id = ?1")
+        .and_then(|mut s| s.query_row([&id_text], |r| r.get(0)))
+        .map_err(classify)?;
+    let oldest = oldest.unwrap_or(0) as u64;
+    if revision < oldest {
+        return Err(Refusal::RevisionPruned { revision, oldest }.into());
+    }
+    let state_type: Option<String> = conn
+        .prepare_cached("SELECT state_type FROM revisions WHERE connection_id = ?1 AND revision = ?2")
+        .and_then(|mut s| s.query_row(params![id_text, revision as i64], |r| r.get(0)))
+        .map_err(classify)?;
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT c.entry_key, c.seq, c.blob FROM changes c \
+             WHERE c.connection_id = ?1 AND c.revision <= ?2 AND c.blob IS NOT NULL \
+             AND NOT EXISTS (SELECT 1 FROM changes n WHERE n.connection_id = c.connection_id \
+                 AND n.entry_key = c.entry_key AND n.revision > c.revision AND n.revision <= ?2) \
+             ORDER BY c.seq",
+        )
+        .map_err(classify)?;
+    let rows = stmt.query_map(params![id_text, revision as i64], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?, row.get::<_, String>(2)?))
+    });
+    let mut entries = Vec::new();
+    for row in rows.map_err(classify)? {
+        let (key, seq, blob) = row.map_err(classify)?;
+        entries.push((decode_key(&key, id)?, seq, Blob::from_stored(blob)));
+    }
+    Ok((parse_type(state_type, &id_text)?, entries))
+}
+
+/// Applies a write: guard, plan, then each entry change that really
+/// changes something, all recorded under the connection's next revision.
+pub fn apply(conn: &Connection, id: ConnectionId, request: &WriteRequest, now_ms: i64) -> Result<Applied, StoreError> {
+    let id_text = id.to_string();
+    let (stored_type, revision, mut next_seq) = header(conn, &id_text)?.unwrap_or((None, 0, 0));
+    let lease = live_lease(conn, &id_text, now_ms)?;
+    check_guard(&request.guard, revision, lease.as_ref())?;
+    let context = match request.operation.needs() {
+        Needs::Nothing => Context::default(),
+        Needs::CurrentKeys => Context { current_keys: current_keys(conn, id)?, target: None },
+        Needs::Revision(at) => Context { target: Some(state_at(conn, id, at)?), current_keys: current_keys(conn, id)? },
+    };
+    let plan = plan(&request.operation, stored_type, &context)?;
+    let stored = stored_entries(conn, &id_text, &plan.ops)?;
+    let changed = changes(&plan.ops, &plan.pinned_seqs, &stored);
     if changed.is_empty() {
-        return read_state(conn, id);
+        let state = request.return_state.then(|| read_state(conn, id)).transpose()?;
+        return Ok(Applied { revision, changed: false, state });
     }
-
     let revision = revision + 1;
-    let mut next_seq: i64 = conn
-        .prepare_cached("SELECT next_seq FROM connections WHERE connection_id = ?1")
-        .and_then(|mut s| s.query_row([&id_text], |r| r.get(0)).optional())
-        .map_err(classify)?
-        .unwrap_or(0);
-    for change in changed {
-        record_change(conn, &id_text, revision, &change, &mut next_seq)?;
+    for change in &changed {
+        record_change(conn, &id_text, revision, change, &mut next_seq)?;
     }
     let remaining: bool = conn
         .prepare_cached("SELECT EXISTS (SELECT 1 FROM entries WHERE connection_id = ?1)")
         .and_then(|mut s| s.query_row([&id_text], |r| r.get(0)))
         .map_err(classify)?;
-    let new_type = remaining.then_some(write.state_type).map(StateType::as_str);
+    let new_type = plan.state_type.filter(|_| remaining).map(StateType::as_str);
     exec(
         conn,
         "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES (?1, ?2, ?3, ?4) \
@@ -78,10 +118,33 @@ pub fn apply_write(conn: &Connection, id: ConnectionId, write: &StateWrite) -> R
     )?;
     exec(
         conn,
-        "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type) VALUES (?1, ?2, ?3, ?4)",
-        params![id_text, revision as i64, now_ms(), new_type],
+        "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![id_text, revision as i64, now_ms, new_type, request.meta.actor, request.meta.reason],
     )?;
-    read_state(conn, id)
+    let state = request.return_state.then(|| read_state(conn, id)).transpose()?;
+    Ok(Applied { revision, changed: true, state })
+}
+
+/// The stored blob and position of each key the ops touch.
+fn stored_entries(conn: &Connection, id: &str, ops: &[EntryOp]) -> Result<HashMap<String, (String, i64)>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT c.blob, e.seq FROM entries e \
+             JOIN changes c ON c.connection_id = e.connection_id \
+              AND c.revision = e.revision AND c.entry_key = e.entry_key \
+             WHERE e.connection_id = ?1 AND e.entry_key = ?2",
+        )
+        .map_err(classify)?;
+    let mut stored = HashMap::with_capacity(ops.len());
+    for op in ops {
+        let key = op.key.encode();
+        let row = stmt.query_row([id, &key], |r| Ok((r.get(0)?, r.get(1)?))).optional().map_err(classify)?;
+        if let Some(row) = row {
+            stored.insert(key, row);
+        }
+    }
+    Ok(stored)
 }
 
 fn record_change(
@@ -91,66 +154,89 @@ fn record_change(
     change: &Change<'_>,
     next_seq: &mut i64,
 ) -> Result<(), StoreError> {
-    let (key, blob) = (change.key.as_str(), change.blob);
-    let revision = revision as i64;
+    let (key, revision) = (change.key.as_str(), revision as i64);
+    let Some(blob) = change.blob else {
+        exec(
+            conn,
+            "INSERT INTO changes (connection_id, revision, entry_key, blob, seq) VALUES (?1, ?2, ?3, NULL, NULL)",
+            params![id, revision, key],
+        )?;
+        return exec(conn, "DELETE FROM entries WHERE connection_id = ?1 AND entry_key = ?2", params![id, key]);
+    };
+    let seq = change.seq.unwrap_or_else(|| {
+        *next_seq += 1;
+        *next_seq - 1
+    });
     exec(
         conn,
-        "INSERT INTO changes (connection_id, revision, entry_key, blob) VALUES (?1, ?2, ?3, ?4)",
-        params![id, revision, key, blob.map(Blob::as_str)],
+        "INSERT INTO changes (connection_id, revision, entry_key, blob, seq) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, revision, key, blob.as_str(), seq],
     )?;
-    match (blob.is_some(), change.existed) {
-        (true, true) => exec(
-            conn,
-            "UPDATE entries SET revision = ?3 WHERE connection_id = ?1 AND entry_key = ?2",
-            params![id, key, revision],
-        ),
-        (true, false) => {
-            let seq = *next_seq;
-            *next_seq += 1;
-            exec(
-                conn,
-                "INSERT INTO entries (connection_id, entry_key, revision, seq) VALUES (?1, ?2, ?3, ?4)",
-                params![id, key, revision, seq],
-            )
-        }
-        (false, _) => exec(conn, "DELETE FROM entries WHERE connection_id = ?1 AND entry_key = ?2", params![id, key]),
-    }
-}
-
-fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<(), StoreError> {
-    conn.prepare_cached(sql).and_then(|mut stmt| stmt.execute(params)).map(drop).map_err(classify)
-}
-
-/// The stored type and revision, or `None` for a connection never written.
-fn header(conn: &Connection, id: &str) -> Result<Option<(Option<StateType>, u64)>, StoreError> {
-    let row = conn
-        .prepare_cached("SELECT state_type, revision FROM connections WHERE connection_id = ?1")
-        .and_then(|mut s| s.query_row([id], |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)?))).optional())
-        .map_err(classify)?;
-    let Some((state_type, revision)) = row else {
-        return Ok(None);
+    let sql = if change.existed {
+        "UPDATE entries SET revision = ?3, seq = ?4 WHERE connection_id = ?1 AND entry_key = ?2"
+    } else {
+        "INSERT INTO entries (connection_id, entry_key, revision, seq) VALUES (?1, ?2, ?3, ?4)"
     };
-    let state_type = match state_type {
-        None => None,
-        Some(text) => Some(
-            StateType::parse(&text)
-                .ok_or_else(|| StoreError::Internal(format!("unknown state type {text:?} for {id}")))?,
-        ),
-    };
-    Ok(Some((state_type, revision as u64)))
+    exec(conn, sql, params![id, key, revision, seq])
 }
 
-fn current_blob(conn: &Connection, id: &str, key: &str) -> Result<Option<String>, StoreError> {
+/// The keys of the current entries, in order.
+pub fn current_keys(conn: &Connection, id: ConnectionId) -> Result<Vec<EntryKey>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT entry_key FROM entries WHERE connection_id = ?1 ORDER BY seq").map_err(classify)?;
+    let rows = stmt.query_map([id.to_string()], |r| r.get::<_, String>(0)).map_err(classify)?;
+    rows.map(|row| decode_key(&row.map_err(classify)?, id)).collect()
+}
+
+/// The current blob of one entry.
+pub fn entry_blob(conn: &Connection, id: ConnectionId, key: &EntryKey) -> Result<Option<Blob>, StoreError> {
     conn.prepare_cached(
-        "SELECT c.blob FROM entries e \
-         JOIN changes c ON c.connection_id = e.connection_id \
+        "SELECT c.blob FROM entries e JOIN changes c ON c.connection_id = e.connection_id \
           AND c.revision = e.revision AND c.entry_key = e.entry_key \
          WHERE e.connection_id = ?1 AND e.entry_key = ?2",
     )
-    .and_then(|mut s| s.query_row([id, key], |r| r.get(0)).optional())
+    .and_then(|mut s| s.query_row([id.to_string(), key.encode()], |r| r.get(0)).optional())
+    .map(|blob| blob.map(Blob::from_stored))
     .map_err(classify)
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+/// The connection's lease, if it is live at `now_ms`.
+pub fn live_lease(conn: &Connection, id: &str, now_ms: i64) -> Result<Option<Lease>, StoreError> {
+    Ok(lease_row(conn, id)?.filter(|lease| lease.is_live(now_ms)))
+}
+
+/// The connection's lease row, live or not.
+pub fn lease_row(conn: &Connection, id: &str) -> Result<Option<Lease>, StoreError> {
+    conn.prepare_cached("SELECT holder, token, expires_at_ms FROM leases WHERE connection_id = ?1")
+        .and_then(|mut s| {
+            s.query_row([id], |r| Ok(Lease { holder: r.get(0)?, token: r.get(1)?, expires_at_ms: r.get(2)? }))
+                .optional()
+        })
+        .map_err(classify)
+}
+
+/// The stored type, revision and next position, or `None` for a
+/// connection never written.
+pub fn header(conn: &Connection, id: &str) -> Result<Option<Header>, StoreError> {
+    let row = conn
+        .prepare_cached("SELECT state_type, revision, next_seq FROM connections WHERE connection_id = ?1")
+        .and_then(|mut s| {
+            s.query_row([id], |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+                .optional()
+        })
+        .map_err(classify)?;
+    row.map(|(state_type, revision, next_seq)| Ok((parse_type(state_type, id)?, revision as u64, next_seq))).transpose()
+}
+
+pub fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<(), StoreError> {
+    conn.prepare_cached(sql).and_then(|mut stmt| stmt.execute(params)).map(drop).map_err(classify)
+}
+
+pub fn decode_key(text: &str, id: impl std::fmt::Display) -> Result<EntryKey, StoreError> {
+    EntryKey::decode(text).ok_or_else(|| StoreError::Internal(format!("undecodable entry key {text:?} for {id}")))
+}
+
+fn parse_type(text: Option<String>, id: &str) -> Result<Option<StateType>, StoreError> {
+    text.map(|t| StateType::parse(&t).ok_or_else(|| StoreError::Internal(format!("unknown state type {t:?} for {id}"))))
+        .transpose()
 }

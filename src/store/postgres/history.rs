@@ -1,0 +1,161 @@
+//! History pages, sync leases and retention pruning on PostgreSQL.
+
+use deadpool_postgres::GenericClient;
+
+use super::classify;
+use super::queries::{decode_key, exec, header, now_and_lease};
+use crate::state::history::{History, Retention, RevisionInfo};
+use crate::state::ops::{lease_transition, Lease, LeaseOp};
+use crate::state::{ConnectionId, StateType};
+use crate::store::StoreError;
+
+/// A page of history, newest first, of revisions before `before`.
+pub async fn history(
+    client: &impl GenericClient,
+    id: ConnectionId,
+    limit: usize,
+    before: Option<u64>,
+) -> Result<History, StoreError> {
+    let id_text = id.to_string();
+    let Some((_, current, _)) = header(client, id).await? else {
+        return Ok(History::default());
+    };
+    let oldest: Option<i64> = client
+        .query_one("SELECT min(revision) FROM revisions WHERE connection_id = $1", &[&id_text])
+        .await
+        .map_err(classify)?
+        .get(0);
+    let before = before.unwrap_or(u64::MAX).min(i64::MAX as u64) as i64;
+    let mut revisions: Vec<RevisionInfo> = client
+        .query(
+            "SELECT revision, created_at_ms, state_type, actor, reason FROM revisions \
+             WHERE connection_id = $1 AND revision < $2 ORDER BY revision DESC LIMIT $3",
+            &[&id_text, &before, &(limit as i64)],
+        )
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(|r| RevisionInfo {
+            revision: r.get::<_, i64>(0) as u64,
+            created_at_ms: r.get(1),
+            state_type: r.get::<_, Option<String>>(2).as_deref().and_then(StateType::parse),
+            actor: r.get(3),
+            reason: r.get(4),
+            changes: Vec::new(),
+        })
+        .collect();
+    if let (Some(newest), Some(last)) = (revisions.first(), revisions.last()) {
+        let (high, low) = (newest.revision as i64, last.revision as i64);
+        let rows = client
+            .query(
+                "SELECT revision, entry_key, octet_length(blob)::bigint FROM changes \
+                 WHERE connection_id = $1 AND revision BETWEEN $2 AND $3 ORDER BY revision, entry_key COLLATE \"C\"",
+                &[&id_text, &low, &high],
+            )
+            .await
+            .map_err(classify)?;
+        for row in &rows {
+            let revision = row.get::<_, i64>(0) as u64;
+            if let Some(info) = revisions.iter_mut().find(|info| info.revision == revision) {
+                let size = row.get::<_, Option<i64>>(2).map(|s| s as u64);
+                info.changes.push((decode_key(row.get(1), id)?, size));
+            }
+        }
+    }
+    Ok(History { revision: current, oldest: oldest.map(|o| o as u64), revisions })
+}
+
+/// Applies a lease request in the caller's transaction (which holds the
+/// connection's advisory lock), on the database's clock.
+pub async fn lease(
+    tx: &deadpool_postgres::Transaction<'_>,
+    id: ConnectionId,
+    op: &LeaseOp,
+    token: String,
+) -> Result<Option<Lease>, StoreError> {
+    let id_text = id.to_string();
+    let (now_ms, current) = now_and_lease(tx, id).await?;
+    let next = lease_transition(op, current.as_ref(), now_ms, || token)?;
+    match &next {
+        Some(lease) => {
+            exec(
+                tx,
+                "INSERT INTO leases (connection_id, holder, token, expires_at_ms) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (connection_id) DO UPDATE SET holder = $2, token = $3, expires_at_ms = $4",
+                &[&id_text, &lease.holder, &lease.token, &lease.expires_at_ms],
+            )
+            .await?
+        }
+        None => exec(tx, "DELETE FROM leases WHERE connection_id = $1", &[&id_text]).await?,
+    }
+    Ok(next)
+}
+
+/// Live leases, of one connection or all.
+pub async fn leases(
+    client: &impl GenericClient,
+    id: Option<ConnectionId>,
+) -> Result<Vec<(ConnectionId, Lease)>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT connection_id, holder, token, expires_at_ms FROM leases \
+             WHERE expires_at_ms > (extract(epoch FROM clock_timestamp()) * 1000)::bigint \
+               AND ($1::text IS NULL OR connection_id = $1) ORDER BY connection_id COLLATE \"C\"",
+            &[&id.map(|i| i.to_string())],
+        )
+        .await
+        .map_err(classify)?;
+    rows.iter()
+        .map(|r| {
+            let text: String = r.get(0);
+            let id = ConnectionId::parse(&text)
+                .ok_or_else(|| StoreError::Internal(format!("stored connection id {text:?}")))?;
+            Ok((id, Lease { holder: r.get(1), token: r.get(2), expires_at_ms: r.get(3) }))
+        })
+        .collect()
+}
+
+/// Removes one connection's history older than the policy keeps, in the
+/// caller's transaction. Returns the revisions removed.
+pub async fn prune(
+    tx: &deadpool_postgres::Transaction<'_>,
+    id: ConnectionId,
+    policy: Retention,
+) -> Result<u64, StoreError> {
+    let id_text = id.to_string();
+    let Some((_, current, _)) = header(tx, id).await? else {
+        return Ok(0);
+    };
+    let first_recent: Option<i64> = match policy.keep_for {
+        None => None,
+        Some(age) => tx
+            .query_one(
+                "SELECT min(revision) FROM revisions WHERE connection_id = $1 \
+                 AND created_at_ms >= (extract(epoch FROM clock_timestamp()) * 1000)::bigint - $2",
+                &[&id_text, &(age.as_millis() as i64)],
+            )
+            .await
+            .map_err(classify)?
+            .get(0),
+    };
+    let keep_from = policy.oldest_kept(current, first_recent.map(|r| r as u64)) as i64;
+    exec(
+        tx,
+        "DELETE FROM changes c WHERE c.connection_id = $1 AND c.revision < $2 AND EXISTS ( \
+           SELECT 1 FROM changes n WHERE n.connection_id = c.connection_id \
+             AND n.entry_key = c.entry_key AND n.revision > c.revision AND n.revision <= $2)",
+        &[&id_text, &keep_from],
+    )
+    .await?;
+    exec(
+        tx,
+        "DELETE FROM changes WHERE connection_id = $1 AND revision < $2 AND blob IS NULL",
+        &[&id_text, &keep_from],
+    )
+    .await?;
+    let removed = tx
+        .execute("DELETE FROM revisions WHERE connection_id = $1 AND revision < $2", &[&id_text, &keep_from])
+        .await
+        .map_err(classify)?;
+    Ok(removed)
+}

@@ -1,0 +1,149 @@
+//! History pages, sync leases and retention pruning on SQLite.
+
+use rusqlite::{params, Connection};
+
+use super::classify;
+use super::queries::{decode_key, exec, header, lease_row};
+use crate::state::history::{History, Retention, RevisionInfo};
+use crate::state::ops::{lease_transition, Lease, LeaseOp};
+use crate::state::{ConnectionId, StateType};
+use crate::store::StoreError;
+
+/// A page of history, newest first, of revisions before `before`.
+pub fn history(conn: &Connection, id: ConnectionId, limit: usize, before: Option<u64>) -> Result<History, StoreError> {
+    let id_text = id.to_string();
+    let Some((_, current, _)) = header(conn, &id_text)? else {
+        return Ok(History::default());
+    };
+    let oldest: Option<i64> = conn
+        .prepare_cached("SELECT min(revision) FROM revisions WHERE connection_id = ?1")
+        .and_then(|mut s| s.query_row([&id_text], |r| r.get(0)))
+        .map_err(classify)?;
+    let before = before.unwrap_or(u64::MAX).min(i64::MAX as u64) as i64;
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT revision, created_at_ms, state_type, actor, reason FROM revisions \
+             WHERE connection_id = ?1 AND revision < ?2 ORDER BY revision DESC LIMIT ?3",
+        )
+        .map_err(classify)?;
+    let rows = stmt
+        .query_map(params![id_text, before, limit as i64], |r| {
+            Ok(RevisionInfo {
+                revision: r.get::<_, i64>(0)? as u64,
+                created_at_ms: r.get(1)?,
+                state_type: r.get::<_, Option<String>>(2)?.as_deref().and_then(StateType::parse),
+                actor: r.get(3)?,
+                reason: r.get(4)?,
+                changes: Vec::new(),
+            })
+        })
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(classify)?;
+    let mut revisions = rows;
+    if let (Some(newest), Some(last)) = (revisions.first(), revisions.last()) {
+        let (high, low) = (newest.revision as i64, last.revision as i64);
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT revision, entry_key, length(CAST(blob AS BLOB)) FROM changes \
+                 WHERE connection_id = ?1 AND revision BETWEEN ?2 AND ?3 ORDER BY revision, entry_key",
+            )
+            .map_err(classify)?;
+        let changes = stmt
+            .query_map(params![id_text, low, high], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?, r.get::<_, Option<i64>>(2)?))
+            })
+            .map_err(classify)?;
+        for change in changes {
+            let (revision, key, size) = change.map_err(classify)?;
+            if let Some(info) = revisions.iter_mut().find(|info| info.revision == revision) {
+                info.changes.push((decode_key(&key, id)?, size.map(|s| s as u64)));
+            }
+        }
+    }
+    Ok(History { revision: current, oldest: oldest.map(|o| o as u64), revisions })
+}
+
+/// Applies a lease request at `now_ms` with `token` for a new lease.
+pub fn lease(
+    conn: &Connection,
+    id: ConnectionId,
+    op: &LeaseOp,
+    now_ms: i64,
+    token: String,
+) -> Result<Option<Lease>, StoreError> {
+    let id_text = id.to_string();
+    let current = lease_row(conn, &id_text)?;
+    let next = lease_transition(op, current.as_ref(), now_ms, || token)?;
+    match &next {
+        Some(lease) => exec(
+            conn,
+            "INSERT INTO leases (connection_id, holder, token, expires_at_ms) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (connection_id) DO UPDATE SET holder = ?2, token = ?3, expires_at_ms = ?4",
+            params![id_text, lease.holder, lease.token, lease.expires_at_ms],
+        )?,
+        None => exec(conn, "DELETE FROM leases WHERE connection_id = ?1", [&id_text])?,
+    }
+    Ok(next)
+}
+
+/// Live leases at `now_ms`, of one connection or all.
+pub fn leases(
+    conn: &Connection,
+    id: Option<ConnectionId>,
+    now_ms: i64,
+) -> Result<Vec<(ConnectionId, Lease)>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT connection_id, holder, token, expires_at_ms FROM leases \
+             WHERE expires_at_ms > ?1 AND (?2 IS NULL OR connection_id = ?2) ORDER BY connection_id",
+        )
+        .map_err(classify)?;
+    let rows = stmt
+        .query_map(params![now_ms, id.map(|i| i.to_string())], |r| {
+            Ok((r.get::<_, String>(0)?, Lease { holder: r.get(1)?, token: r.get(2)?, expires_at_ms: r.get(3)? }))
+        })
+        .map_err(classify)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, lease) = row.map_err(classify)?;
+        let id =
+            ConnectionId::parse(&id).ok_or_else(|| StoreError::Internal(format!("stored connection id {id:?}")))?;
+        out.push((id, lease));
+    }
+    Ok(out)
+}
+
+/// Removes one connection's history older than the policy keeps. Change
+/// rows still visible at the oldest kept revision stay, so every kept
+/// revision can still be read and restored. Returns revisions removed.
+pub fn prune(conn: &Connection, id: ConnectionId, policy: Retention, now_ms: i64) -> Result<u64, StoreError> {
+    let id_text = id.to_string();
+    let Some((_, current, _)) = header(conn, &id_text)? else {
+        return Ok(0);
+    };
+    let first_recent: Option<i64> = match policy.keep_for {
+        None => None,
+        Some(age) => conn
+            .prepare_cached("SELECT min(revision) FROM revisions WHERE connection_id = ?1 AND created_at_ms >= ?2")
+            .and_then(|mut s| s.query_row(params![id_text, now_ms - age.as_millis() as i64], |r| r.get(0)))
+            .map_err(classify)?,
+    };
+    let keep_from = policy.oldest_kept(current, first_recent.map(|r| r as u64)) as i64;
+    exec(
+        conn,
+        "DELETE FROM changes WHERE connection_id = ?1 AND revision < ?2 AND EXISTS ( \
+           SELECT 1 FROM changes n WHERE n.connection_id = changes.connection_id \
+             AND n.entry_key = changes.entry_key AND n.revision > changes.revision AND n.revision <= ?2)",
+        params![id_text, keep_from],
+    )?;
+    exec(
+        conn,
+        "DELETE FROM changes WHERE connection_id = ?1 AND revision < ?2 AND blob IS NULL",
+        params![id_text, keep_from],
+    )?;
+    let removed = conn
+        .prepare_cached("DELETE FROM revisions WHERE connection_id = ?1 AND revision < ?2")
+        .and_then(|mut s| s.execute(params![id_text, keep_from]))
+        .map_err(classify)?;
+    Ok(removed as u64)
+}
