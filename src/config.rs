@@ -12,6 +12,9 @@
 //! | `--migrate` | `HIGHWATER_MIGRATE` | `true` |
 //! | `--max-body-bytes` | `HIGHWATER_MAX_BODY_BYTES` | 134217728 (128 MiB) |
 //! | `--max-json-depth` | `HIGHWATER_MAX_JSON_DEPTH` | 128 |
+//! | `--history-keep-revisions` | `HIGHWATER_HISTORY_KEEP_REVISIONS` | 10000 (0: no limit) |
+//! | `--history-keep-days` | `HIGHWATER_HISTORY_KEEP_DAYS` | 30 (0: no limit) |
+//! | `--history-prune-interval-secs` | `HIGHWATER_HISTORY_PRUNE_INTERVAL_SECS` | 300 |
 //! | `--max-streams-per-request` | `HIGHWATER_MAX_STREAMS_PER_REQUEST` | 100000 |
 //! | `--log-level` | `HIGHWATER_LOG_LEVEL` | `info` |
 //! | `--log-format` | `HIGHWATER_LOG_FORMAT` | `text` |
@@ -22,6 +25,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::api::Limits;
+use crate::state::history::Retention;
 use crate::state::wire::DecodeLimits;
 use crate::store::{DatabaseUrl, OpenOptions};
 
@@ -152,6 +156,21 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(8..=1024))]
     pub max_json_depth: u64,
 
+    /// History kept per connection: at most this many revisions (0: no
+    /// limit). The current revision is always kept.
+    #[arg(long, env = "HIGHWATER_HISTORY_KEEP_REVISIONS", default_value_t = 10_000)]
+    pub history_keep_revisions: u64,
+
+    /// History kept per connection: revisions younger than this many days
+    /// (0: no limit). The current revision is always kept.
+    #[arg(long, env = "HIGHWATER_HISTORY_KEEP_DAYS", default_value_t = 30)]
+    pub history_keep_days: u64,
+
+    /// How often old history is pruned, in seconds.
+    #[arg(long, env = "HIGHWATER_HISTORY_PRUNE_INTERVAL_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub history_prune_interval_secs: u64,
+
     /// Most stream states one request may carry; more get 422.
     #[arg(long, env = "HIGHWATER_MAX_STREAMS_PER_REQUEST", default_value_t = 100_000,
           value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
@@ -159,6 +178,14 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The history retention these settings describe.
+    pub fn retention(&self) -> Retention {
+        Retention {
+            keep_revisions: (self.history_keep_revisions > 0).then_some(self.history_keep_revisions),
+            keep_for: (self.history_keep_days > 0).then(|| Duration::from_secs(self.history_keep_days * 86_400)),
+        }
+    }
+
     /// The request limits these settings describe.
     pub fn limits(&self) -> Limits {
         Limits {
