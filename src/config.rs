@@ -16,6 +16,14 @@
 //! | `--history-keep-days` | `HIGHWATER_HISTORY_KEEP_DAYS` | 30 (0: no limit) |
 //! | `--history-prune-interval-secs` | `HIGHWATER_HISTORY_PRUNE_INTERVAL_SECS` | 300 |
 //! | `--max-streams-per-request` | `HIGHWATER_MAX_STREAMS_PER_REQUEST` | 100000 |
+//! | `--max-blob-bytes` | `HIGHWATER_MAX_BLOB_BYTES` | 134217728 (128 MiB) |
+//! | `--max-name-chars` | `HIGHWATER_MAX_NAME_CHARS` | 1024 |
+//! | `--request-timeout-secs` | `HIGHWATER_REQUEST_TIMEOUT_SECS` | 60 |
+//! | `--max-concurrent-requests` | `HIGHWATER_MAX_CONCURRENT_REQUESTS` | 1024 |
+//! | `--shutdown-timeout-secs` | `HIGHWATER_SHUTDOWN_TIMEOUT_SECS` | 30 |
+//! | `--auth-file` | `HIGHWATER_AUTH_FILE` | none (authentication off) |
+//! | `--auth-credentials` | `HIGHWATER_AUTH_CREDENTIALS` | none |
+//! | `--behind-auth-proxy` | `HIGHWATER_BEHIND_AUTH_PROXY` | `false` |
 //! | `--log-level` | `HIGHWATER_LOG_LEVEL` | `info` |
 //! | `--log-format` | `HIGHWATER_LOG_FORMAT` | `text` |
 
@@ -33,6 +41,14 @@ use crate::store::{DatabaseUrl, OpenOptions};
 pub const MAX_BODY_SETTING: &str = "--max-body-bytes / HIGHWATER_MAX_BODY_BYTES";
 /// How error messages name the nesting-depth setting.
 pub const MAX_DEPTH_SETTING: &str = "--max-json-depth / HIGHWATER_MAX_JSON_DEPTH";
+/// How error messages name the blob-size setting.
+pub const MAX_BLOB_SETTING: &str = "--max-blob-bytes / HIGHWATER_MAX_BLOB_BYTES";
+/// How error messages name the name-length setting.
+pub const MAX_NAME_SETTING: &str = "--max-name-chars / HIGHWATER_MAX_NAME_CHARS";
+/// How error messages name the concurrency setting.
+pub const MAX_CONCURRENT_SETTING: &str = "--max-concurrent-requests / HIGHWATER_MAX_CONCURRENT_REQUESTS";
+/// How error messages name the request-timeout setting.
+pub const REQUEST_TIMEOUT_SETTING: &str = "--request-timeout-secs / HIGHWATER_REQUEST_TIMEOUT_SECS";
 /// How error messages name the streams-per-request setting.
 pub const MAX_STREAMS_SETTING: &str = "--max-streams-per-request / HIGHWATER_MAX_STREAMS_PER_REQUEST";
 
@@ -60,6 +76,18 @@ pub enum Command {
     Export(ExportArgs),
     /// Load connections from an export; each is stored atomically.
     Import(ImportArgs),
+    /// Hash a password (read from standard input) or make a new API token,
+    /// for the credentials file.
+    HashSecret(HashSecretArgs),
+}
+
+/// Settings of `highwater hash-secret`.
+#[derive(Debug, Args)]
+pub struct HashSecretArgs {
+    /// Make a new random API token (for Bearer authentication) instead of
+    /// hashing a password.
+    #[arg(long)]
+    pub new_token: bool,
 }
 
 /// Settings of `highwater export`.
@@ -175,6 +203,51 @@ pub struct ServeArgs {
     #[arg(long, env = "HIGHWATER_MAX_STREAMS_PER_REQUEST", default_value_t = 100_000,
           value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub max_streams_per_request: u64,
+
+    /// Largest single blob (a legacy state, a shared blob or one stream's
+    /// state) in bytes; larger ones get 422.
+    #[arg(long, env = "HIGHWATER_MAX_BLOB_BYTES", default_value_t = 128 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..=4 * 1024 * 1024 * 1024))]
+    pub max_blob_bytes: u64,
+
+    /// Longest stream name or namespace, in characters; longer get 422.
+    #[arg(long, env = "HIGHWATER_MAX_NAME_CHARS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_name_chars: u64,
+
+    /// Longest a request may take before it is answered 503, in seconds.
+    #[arg(long, env = "HIGHWATER_REQUEST_TIMEOUT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub request_timeout_secs: u64,
+
+    /// Most requests served at once; more are answered 503 straight away.
+    #[arg(long, env = "HIGHWATER_MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_concurrent_requests: u64,
+
+    /// How long a shutdown (SIGTERM, Ctrl-C) waits for requests in flight
+    /// before exiting anyway, in seconds.
+    #[arg(long, env = "HIGHWATER_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub shutdown_timeout_secs: u64,
+
+    /// JSON file of credentials; with it (or HIGHWATER_AUTH_CREDENTIALS)
+    /// every route but health and openapi needs Basic or Bearer
+    /// authentication. See the README for its form and `highwater
+    /// hash-secret`.
+    #[arg(long, env = "HIGHWATER_AUTH_FILE")]
+    pub auth_file: Option<std::path::PathBuf>,
+
+    /// The credentials JSON itself, instead of a file.
+    #[arg(long, env = "HIGHWATER_AUTH_CREDENTIALS", hide_env_values = true, conflicts_with = "auth_file")]
+    pub auth_credentials: Option<String>,
+
+    /// Serve without authentication on a non-loopback address, because an
+    /// authenticating proxy stands in front. Without it, Highwater refuses
+    /// to listen beyond loopback with authentication off.
+    #[arg(long, env = "HIGHWATER_BEHIND_AUTH_PROXY", default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub behind_auth_proxy: bool,
 }
 
 impl ServeArgs {
@@ -193,7 +266,11 @@ impl ServeArgs {
             decode: DecodeLimits {
                 max_depth: self.max_json_depth as usize,
                 max_streams: self.max_streams_per_request as usize,
+                max_blob_bytes: usize::try_from(self.max_blob_bytes).unwrap_or(usize::MAX),
+                max_name_chars: self.max_name_chars as usize,
             },
+            request_timeout: Duration::from_secs(self.request_timeout_secs),
+            max_concurrent_requests: self.max_concurrent_requests as usize,
         }
     }
 }

@@ -9,6 +9,8 @@
 //!   each with its own migrations under `migrations/`.
 //! - [`api`]: the HTTP router, one file per endpoint family, and the wire
 //!   errors (`api::error`).
+//! - [`auth`]: credentials (hashed secrets) and roles; `api::auth` applies
+//!   them to requests.
 //! - [`config`]: every setting, flag > `HIGHWATER_*` environment > default.
 //! - [`startup`]: builds the store and serves the router on a listener until
 //!   a shutdown signal, so tests can bind port 0.
@@ -17,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod startup;

@@ -13,7 +13,11 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::config::{MAX_BODY_SETTING, MAX_DEPTH_SETTING, MAX_STREAMS_SETTING};
+use crate::auth::Role;
+use crate::config::{
+    MAX_BLOB_SETTING, MAX_BODY_SETTING, MAX_CONCURRENT_SETTING, MAX_DEPTH_SETTING, MAX_NAME_SETTING,
+    MAX_STREAMS_SETTING, REQUEST_TIMEOUT_SETTING,
+};
 use crate::state::ops::{Refusal, SYNC_RUNNING};
 use crate::state::wire::responses::{timestamp, RenderError};
 use crate::state::wire::{DecodeError, FieldError};
@@ -33,10 +37,18 @@ pub enum ApiError {
     TooLarge { limit: usize },
     /// 415: the Content-Type is present and not JSON.
     UnsupportedMediaType(String),
+    /// 401: no or wrong credentials (the reason is logged, not sent).
+    Unauthorized(&'static str),
+    /// 403: authenticated, but the role does not allow the route.
+    Forbidden { role: Role, needs: Role },
     /// 404: no such route.
     NotFound(String),
     /// 405: the route exists for another method.
     MethodNotAllowed(String),
+    /// 503: too many requests in flight (the limit).
+    Overloaded(usize),
+    /// 503: the request took longer than the timeout.
+    TimedOut(std::time::Duration),
     /// 503: storage cannot be reached now; retrying may work.
     Unavailable(String),
     /// 507: storage is full; nothing was written.
@@ -59,9 +71,11 @@ impl ApiError {
             },
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Overloaded(_) | Self::TimedOut(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -82,9 +96,13 @@ impl ApiError {
             },
             Self::TooLarge { .. } => "PayloadTooLarge",
             Self::UnsupportedMediaType(_) => "UnsupportedMediaType",
+            Self::Unauthorized(_) => "Unauthorized",
+            Self::Forbidden { .. } => "Forbidden",
             Self::NotFound(_) => "NotFound",
             Self::MethodNotAllowed(_) => "MethodNotAllowed",
             Self::Unavailable(_) => "StorageUnavailable",
+            Self::Overloaded(_) => "Overloaded",
+            Self::TimedOut(_) => "RequestTimeout",
             Self::StorageFull(_) => "StorageFull",
             Self::Internal(_) => "InternalError",
         }
@@ -111,9 +129,23 @@ impl ApiError {
             Self::UnsupportedMediaType(found) => {
                 format!("Content-Type {found:?} is not supported; send application/json.")
             }
+            Self::Unauthorized(_) => {
+                "Authentication required: send Basic credentials or a Bearer token that Highwater knows.".to_owned()
+            }
+            Self::Forbidden { role, needs } => {
+                format!("The {} role may not do this; it needs the {} role.", role.as_str(), needs.as_str())
+            }
             Self::NotFound(route) => format!("No such route: {route}."),
             Self::MethodNotAllowed(route) => format!("Method not allowed: {route}."),
             Self::Unavailable(_) => "The state store is unavailable; nothing was written. Retry later.".to_owned(),
+            Self::Overloaded(limit) => format!(
+                "Too many requests in flight (the limit is {limit}, set by {MAX_CONCURRENT_SETTING}); retry shortly."
+            ),
+            Self::TimedOut(timeout) => format!(
+                "The request took longer than {}s (set by {REQUEST_TIMEOUT_SETTING}); a write may or may not have \
+                 been applied: read the state, or retry with expectedRevision.",
+                timeout.as_secs_f64()
+            ),
             Self::StorageFull(_) => "The state store is out of space; nothing was written.".to_owned(),
             Self::Internal(_) => "Internal error; the server log has the details under this errorId.".to_owned(),
         }
@@ -209,6 +241,10 @@ impl IntoResponse for ApiError {
         // still carry the status.
         let mut response = (status, body.unwrap_or_default()).into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if status == StatusCode::UNAUTHORIZED {
+            let challenge = HeaderValue::from_static("Basic realm=\"highwater\", Bearer realm=\"highwater\"");
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
+        }
         response
     }
 }
@@ -227,6 +263,16 @@ impl From<DecodeError> for ApiError {
             DecodeError::TooManyStreams { count, limit: max } => {
                 limit(format!("{count} streams in one request; the limit is {max} (set by {MAX_STREAMS_SETTING})"))
             }
+            DecodeError::BlobTooLarge { path, size, limit: max } => Self::Invalid(vec![FieldError {
+                property_path: path,
+                invalid_value: None,
+                message: format!("is {size} bytes, more than the limit of {max} (set by {MAX_BLOB_SETTING})"),
+            }]),
+            DecodeError::NameTooLong { path, limit: max } => Self::Invalid(vec![FieldError {
+                property_path: path,
+                invalid_value: None,
+                message: format!("is longer than {max} characters (the limit set by {MAX_NAME_SETTING})"),
+            }]),
         }
     }
 }

@@ -1,12 +1,11 @@
 //! Revisions: `state/history`, `state/diff`, `state/restore`, `state/reset`.
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::Response;
 
 use super::error::ApiError;
 use super::extract::JsonBody;
-use super::respond::{json, json_at, write_request};
+use super::respond::{json, json_at, write_request, Caller};
 use super::AppState;
 use crate::state::history::diff as state_diff;
 use crate::state::ops::Operation;
@@ -33,34 +32,34 @@ pub async fn diff(State(app): State<AppState>, JsonBody(body): JsonBody) -> Resu
 /// `POST /v1/state/restore`: a new revision equal to an earlier one.
 pub async fn restore(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let request = highwater::decode_restore(&body, app.limits.decode)?;
     let operation = Operation::Restore { revision: request.body };
-    write(app, headers, request.id, operation, request.fields).await
+    write(app, caller, request.id, operation, request.fields).await
 }
 
 /// `POST /v1/state/reset`: clear the state, or listed streams.
 pub async fn reset(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let request = highwater::decode_reset(&body, app.limits.decode)?;
     let query = request.body;
     let operation = Operation::Reset { streams: query.streams, include_shared: query.include_shared };
-    write(app, headers, request.id, operation, request.fields).await
+    write(app, caller, request.id, operation, request.fields).await
 }
 
 async fn write(
     app: AppState,
-    headers: HeaderMap,
+    caller: Caller,
     id: crate::state::ConnectionId,
     operation: Operation,
     fields: highwater::WriteFields,
 ) -> Result<Response, ApiError> {
-    let write = write_request(operation, fields, &headers, true, true)?;
+    let write = write_request(operation, fields, &caller, true, true)?;
     let applied = app.store.apply(id, write).await?;
     let state = applied.state.unwrap_or_default();
     Ok(json_at(responses::write_result(id, applied.revision, &state)?, applied.revision))

@@ -4,8 +4,10 @@
 //! encode; failures become [`error::ApiError`]. Nothing here knows SQL.
 //! Every route is served under both `/api/v1/…` and `/v1/…` (STATE-API.md §1).
 
+mod auth;
 pub mod error;
 mod extract;
+mod guard;
 mod history;
 mod lease;
 mod log;
@@ -15,12 +17,15 @@ mod state;
 mod stream;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::Method;
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
+use tokio::sync::Semaphore;
 
+use crate::auth::{Authenticator, Role};
 use crate::state::wire::DecodeLimits;
 use crate::store::Store;
 use error::ApiError;
@@ -30,6 +35,18 @@ use error::ApiError;
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub limits: Limits,
+    /// Credentials to check; `None` when authentication is off.
+    pub authenticator: Option<Arc<Authenticator>>,
+    /// Places for requests being served at once (see `Limits`).
+    pub in_flight: Arc<Semaphore>,
+}
+
+impl AppState {
+    /// Shared state for serving `store` under `limits`.
+    pub fn new(store: Arc<dyn Store>, limits: Limits, authenticator: Option<Arc<Authenticator>>) -> Self {
+        let in_flight = Arc::new(Semaphore::new(limits.max_concurrent_requests));
+        Self { store, limits, authenticator, in_flight }
+    }
 }
 
 /// Request limits, from the configuration.
@@ -39,46 +56,84 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Limits applied while decoding JSON.
     pub decode: DecodeLimits,
+    /// Longest a request may take before it is answered 503.
+    pub request_timeout: Duration,
+    /// Most requests served at once; more are answered 503 at once.
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 128 * 1024 * 1024,
+            decode: DecodeLimits::default(),
+            request_timeout: Duration::from_secs(60),
+            max_concurrent_requests: 1024,
+        }
+    }
+}
+
+/// One route: method, path below a version prefix, handler, and the role it
+/// needs (`None`: open to anyone, even with authentication on).
+pub struct Route {
+    pub method: Method,
+    pub path: &'static str,
+    pub handler: MethodRouter<AppState>,
+    pub role: Option<Role>,
 }
 
 /// The OpenAPI document served at `GET /v1/openapi`.
 pub const OPENAPI_DOCUMENT: &str = include_str!("openapi.json");
 
 /// Every route, relative to a version prefix: the single list the router
-/// is built from and the OpenAPI document is checked against.
-pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
+/// is built from, the OpenAPI document is checked against, and that says
+/// which role each route needs.
+pub fn routes() -> Vec<Route> {
+    use Role::{Admin, Editor, Reader};
+    let route = |method, path, handler, role| Route { method, path, handler, role };
     vec![
-        (Method::POST, "/state/get", post(state::get)),
-        (Method::POST, "/state/create_or_update", post(state::create_or_update)),
-        (Method::POST, "/state/create_or_update_safe", post(state::create_or_update_safe)),
-        (Method::POST, "/web_backend/state/get_type", post(state::get_type)),
-        (Method::POST, "/state/history", post(history::history)),
-        (Method::POST, "/state/diff", post(history::diff)),
-        (Method::POST, "/state/restore", post(history::restore)),
-        (Method::POST, "/state/reset", post(history::reset)),
-        (Method::POST, "/state/stream/get", post(stream::get)),
-        (Method::POST, "/state/stream/set", post(stream::set)),
-        (Method::POST, "/state/stream/delete", post(stream::delete)),
-        (Method::POST, "/state/lease/acquire", post(lease::acquire)),
-        (Method::POST, "/state/lease/renew", post(lease::renew)),
-        (Method::POST, "/state/lease/release", post(lease::release)),
-        (Method::POST, "/state/lease/list", post(lease::list)),
-        (Method::GET, "/health", get(meta::health)),
-        (Method::GET, "/openapi", get(meta::openapi)),
+        route(Method::POST, "/state/get", post(state::get), Some(Reader)),
+        route(Method::POST, "/state/create_or_update", post(state::create_or_update), Some(Admin)),
+        route(Method::POST, "/state/create_or_update_safe", post(state::create_or_update_safe), Some(Editor)),
+        route(Method::POST, "/web_backend/state/get_type", post(state::get_type), Some(Reader)),
+        route(Method::POST, "/state/history", post(history::history), Some(Reader)),
+        route(Method::POST, "/state/diff", post(history::diff), Some(Reader)),
+        route(Method::POST, "/state/restore", post(history::restore), Some(Editor)),
+        route(Method::POST, "/state/reset", post(history::reset), Some(Editor)),
+        route(Method::POST, "/state/stream/get", post(stream::get), Some(Reader)),
+        route(Method::POST, "/state/stream/set", post(stream::set), Some(Editor)),
+        route(Method::POST, "/state/stream/delete", post(stream::delete), Some(Editor)),
+        route(Method::POST, "/state/lease/acquire", post(lease::acquire), Some(Admin)),
+        route(Method::POST, "/state/lease/renew", post(lease::renew), Some(Admin)),
+        route(Method::POST, "/state/lease/release", post(lease::release), Some(Admin)),
+        route(Method::POST, "/state/lease/list", post(lease::list), Some(Admin)),
+        route(Method::GET, "/health", get(meta::health), None),
+        route(Method::GET, "/openapi", get(meta::openapi), None),
     ]
 }
 
-/// Builds the service: every route under both prefixes, JSON errors for
-/// unknown routes and methods, one log line per request.
+/// Builds the service: every route under both prefixes behind its role,
+/// the request limits, JSON errors for unknown routes and methods, one log
+/// line per request.
 pub fn router(app: AppState) -> Router {
     let max_body = app.limits.max_body_bytes;
-    let v1 = routes().into_iter().fold(Router::new(), |router, (_, path, handler)| router.route(path, handler));
+    let v1 = routes().into_iter().fold(Router::new(), |router, route| {
+        let handler = match route.role {
+            None => route.handler,
+            Some(needs) => {
+                let gate = auth::Gate { authenticator: app.authenticator.clone(), needs };
+                route.handler.layer(axum::middleware::from_fn_with_state(gate, auth::require))
+            }
+        };
+        router.route(route.path, handler)
+    });
     Router::new()
         .nest("/api/v1", v1.clone())
         .nest("/v1", v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), guard::limit))
         .layer(axum::middleware::from_fn(log::log_request))
         .with_state(app)
 }

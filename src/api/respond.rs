@@ -1,10 +1,13 @@
 //! What the handlers share: JSON responses with an `ETag`, and turning a
 //! write's body fields and headers into its guard and history metadata.
 
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
+use crate::auth::Identity;
 use crate::state::ops::{Guard, Meta, Operation, WriteRequest};
 use crate::state::wire::highwater::WriteFields;
 use crate::state::wire::FieldError;
@@ -28,19 +31,36 @@ pub fn json_at(body: Vec<u8>, revision: u64) -> Response {
     response
 }
 
+/// How a write came: its headers and who sent it (when authenticated).
+pub struct Caller {
+    pub headers: HeaderMap,
+    pub identity: Option<Identity>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self { headers: parts.headers.clone(), identity: parts.extensions.get::<Identity>().cloned() })
+    }
+}
+
 /// Builds a write request from its operation, the body's write fields and
-/// the headers (`If-Match`, `Highwater-Lease-Token`, `Highwater-Actor`).
-/// A header that contradicts the body's field is refused.
+/// the caller (`If-Match`, `Highwater-Lease-Token`, `Highwater-Actor`; the
+/// authenticated identity, when there is one, is the actor). A header that
+/// contradicts the body's field is refused.
 pub fn write_request(
     operation: Operation,
     fields: WriteFields,
-    headers: &HeaderMap,
+    caller: &Caller,
     safe: bool,
     return_state: bool,
 ) -> Result<WriteRequest, ApiError> {
+    let headers = &caller.headers;
     let expected_revision = merge("If-Match", fields.expected_revision, if_match(headers)?)?;
     let lease_token = merge(LEASE_TOKEN_HEADER, fields.lease_token, header_text(headers, LEASE_TOKEN_HEADER)?)?;
-    let actor = merge(ACTOR_HEADER, fields.meta.actor, header_text(headers, ACTOR_HEADER)?)?;
+    let claimed = merge(ACTOR_HEADER, fields.meta.actor, header_text(headers, ACTOR_HEADER)?)?;
+    let actor = caller.identity.as_ref().map(|identity| identity.name.clone()).or(claimed);
     let respect_lease = operation.respects_leases(safe);
     Ok(WriteRequest {
         operation,

@@ -4,12 +4,11 @@
 //! accepts its write fields.
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::Response;
 
 use super::error::ApiError;
 use super::extract::JsonBody;
-use super::respond::{json, json_at, write_request};
+use super::respond::{json, json_at, write_request, Caller};
 use super::AppState;
 use crate::state::ops::Operation;
 use crate::state::wire::{self, highwater};
@@ -26,26 +25,26 @@ pub async fn get(State(app): State<AppState>, JsonBody(body): JsonBody) -> Resul
 /// stale token.
 pub async fn create_or_update(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
-    merge(app, headers, body, false).await
+    merge(app, caller, body, false).await
 }
 
 /// `POST /v1/state/create_or_update_safe`: the same, refused with 423 while
 /// a sync holds the connection.
 pub async fn create_or_update_safe(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
-    merge(app, headers, body, true).await
+    merge(app, caller, body, true).await
 }
 
-async fn merge(app: AppState, headers: HeaderMap, body: axum::body::Bytes, safe: bool) -> Result<Response, ApiError> {
+async fn merge(app: AppState, caller: Caller, body: axum::body::Bytes, safe: bool) -> Result<Response, ApiError> {
     let request = highwater::decode_write(&body, app.limits.decode)?;
     let id = request.id;
-    let write = write_request(Operation::Merge(request.body), request.fields, &headers, safe, true)?;
+    let write = write_request(Operation::Merge(request.body), request.fields, &caller, safe, true)?;
     let applied = app.store.apply(id, write).await?;
     let state = applied.state.unwrap_or_default();
     Ok(json_at(wire::render_state(id, &state), applied.revision))

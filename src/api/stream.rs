@@ -2,12 +2,11 @@
 //! sending or receiving the rest of the state.
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::Response;
 
 use super::error::ApiError;
 use super::extract::JsonBody;
-use super::respond::{json_at, write_request};
+use super::respond::{json_at, write_request, Caller};
 use super::AppState;
 use crate::state::ops::Operation;
 use crate::state::wire::{highwater, responses};
@@ -20,15 +19,11 @@ pub async fn get(State(app): State<AppState>, JsonBody(body): JsonBody) -> Resul
 }
 
 /// `POST /v1/state/stream/set`.
-pub async fn set(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    JsonBody(body): JsonBody,
-) -> Result<Response, ApiError> {
+pub async fn set(State(app): State<AppState>, caller: Caller, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
     let request = highwater::decode_stream_set(&body, app.limits.decode)?;
     let (stream, blob) = request.body;
     let operation = Operation::StreamSet { stream: stream.clone(), blob: blob.clone() };
-    let write = write_request(operation, request.fields, &headers, true, false)?;
+    let write = write_request(operation, request.fields, &caller, true, false)?;
     let applied = app.store.apply(request.id, write).await?;
     Ok(json_at(responses::stream_result(request.id, applied.revision, &stream, Some(&blob))?, applied.revision))
 }
@@ -36,13 +31,13 @@ pub async fn set(
 /// `POST /v1/state/stream/delete`.
 pub async fn delete(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let request = highwater::decode_stream_delete(&body, app.limits.decode)?;
     let stream = request.body;
     let write =
-        write_request(Operation::StreamDelete { stream: stream.clone() }, request.fields, &headers, true, false)?;
+        write_request(Operation::StreamDelete { stream: stream.clone() }, request.fields, &caller, true, false)?;
     let applied = app.store.apply(request.id, write).await?;
     Ok(json_at(responses::stream_result(request.id, applied.revision, &stream, None)?, applied.revision))
 }

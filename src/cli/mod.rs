@@ -1,6 +1,7 @@
 //! The subcommands, one file each.
 
 mod export;
+mod hash_secret;
 mod import;
 mod migrate;
 mod progress;
@@ -15,5 +16,6 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Migrate(args) => migrate::run(args).await,
         Command::Export(args) => export::run(args).await,
         Command::Import(args) => import::run(args).await,
+        Command::HashSecret(args) => hash_secret::run(args),
     }
 }

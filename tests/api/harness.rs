@@ -3,8 +3,10 @@
 
 use std::net::SocketAddr;
 
+use std::sync::Arc;
+
 use highwater::api::{AppState, Limits};
-use highwater::state::wire::DecodeLimits;
+use highwater::auth::Authenticator;
 use highwater::state::ConnectionId;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -14,7 +16,7 @@ use crate::support::TestDatabase;
 pub const JSON: &str = "application/json";
 
 pub fn default_limits() -> Limits {
-    Limits { max_body_bytes: 128 * 1024 * 1024, decode: DecodeLimits { max_depth: 128, max_streams: 100_000 } }
+    Limits::default()
 }
 
 pub struct TestApp {
@@ -32,8 +34,18 @@ impl TestApp {
     }
 
     pub async fn spawn_with(limits: Limits) -> Self {
+        Self::spawn_full(limits, None).await
+    }
+
+    /// A server that checks these credentials.
+    #[allow(dead_code)]
+    pub async fn spawn_with_auth(authenticator: Authenticator) -> Self {
+        Self::spawn_full(default_limits(), Some(Arc::new(authenticator))).await
+    }
+
+    async fn spawn_full(limits: Limits, authenticator: Option<Arc<Authenticator>>) -> Self {
         let database = TestDatabase::new().await;
-        let (address, stop, server) = serve(&database, limits).await;
+        let (address, stop, server) = serve(&database, limits, authenticator).await;
         Self { address, client: reqwest::Client::new(), stop: Some(stop), server: Some(server), database }
     }
 
@@ -46,7 +58,7 @@ impl TestApp {
         if let Some(server) = self.server.take() {
             server.await.expect("server task");
         }
-        let (address, stop, server) = serve(&self.database, default_limits()).await;
+        let (address, stop, server) = serve(&self.database, default_limits(), None).await;
         self.address = address;
         self.stop = Some(stop);
         self.server = Some(server);
@@ -102,12 +114,13 @@ impl Drop for TestApp {
 async fn serve(
     database: &TestDatabase,
     limits: Limits,
+    authenticator: Option<Arc<Authenticator>>,
 ) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let store = database.open().await;
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
     let address = listener.local_addr().expect("address");
     let (stop, stopped) = oneshot::channel::<()>();
-    let app = AppState { store, limits };
+    let app = AppState::new(store, limits, authenticator);
     let server = tokio::spawn(async move {
         let shutdown = async {
             let _ = stopped.await;
@@ -151,4 +164,136 @@ pub fn invalid_input(message: &str, errors: &[(&str, Option<&str>, &str)]) -> St
 
 fn quoted(text: &str) -> String {
     serde_json::to_string(text).expect("a string serialises")
+}
+
+/// A response as the revision tests need it: status, `ETag` and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub etag: Option<String>,
+    pub body: String,
+}
+
+impl Answer {
+    /// The body parsed as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+impl TestApp {
+    /// POSTs a JSON body with extra headers; returns status, `ETag` and body.
+    pub async fn send(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> Answer {
+        let mut request = self.client.post(self.url(path)).header("content-type", JSON).body(body.to_owned());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        let etag = response.headers().get("etag").map(|v| v.to_str().expect("ASCII ETag").to_owned());
+        Answer { status, etag, body: response.text().await.expect("body") }
+    }
+
+    /// POSTs `{"connectionId":id, <members>}` to `/v1/state/<op>`; `members`
+    /// is the rest of the object's text (may be empty).
+    pub async fn op(&self, op: &str, id: &str, members: &str) -> Answer {
+        self.op_with(op, id, members, &[]).await
+    }
+
+    /// [`TestApp::op`] with extra headers.
+    pub async fn op_with(&self, op: &str, id: &str, members: &str, headers: &[(&str, &str)]) -> Answer {
+        let comma = if members.is_empty() { "" } else { "," };
+        let body = format!(r#"{{"connectionId":"{id}"{comma}{members}}}"#);
+        self.send(&format!("/v1/state/{op}"), &body, headers).await
+    }
+}
+
+/// The body of a `KnownExceptionInfo` with a masked id and `details`
+/// (serialised as the server does).
+pub fn known_error_with_details(message: &str, class: &str, details: &serde_json::Value) -> String {
+    format!(
+        r#"{{"message":{},"exceptionClassName":"{class}","errorId":"<errorId>","details":{details}}}"#,
+        quoted(message)
+    )
+}
+
+/// Unix time now, in milliseconds.
+pub fn now_ms() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970");
+    since.as_millis() as i64
+}
+
+/// Parses an RFC 3339 UTC timestamp as Highwater writes it
+/// (`YYYY-MM-DDTHH:MM:SS[.fff…]Z`) into Unix milliseconds; panics on
+/// anything else.
+pub fn rfc3339_ms(text: &str) -> i64 {
+    fn fail(text: &str) -> ! {
+        panic!("not an RFC 3339 UTC timestamp: {text:?}")
+    }
+    let b = text.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+        fail(text);
+    }
+    let num = |range: std::ops::Range<usize>| -> i64 {
+        let part = &text[range];
+        if !part.bytes().all(|c| c.is_ascii_digit()) {
+            fail(text);
+        }
+        part.parse().unwrap_or_else(|_| fail(text))
+    };
+    let (year, month, day) = (num(0..4), num(5..7), num(8..10));
+    let (hour, minute, second) = (num(11..13), num(14..16), num(17..19));
+    let rest = text[19..].strip_suffix('Z').unwrap_or_else(|| fail(text));
+    let millis = match rest.strip_prefix('.') {
+        None if rest.is_empty() => 0,
+        Some(frac) if !frac.is_empty() && frac.bytes().all(|c| c.is_ascii_digit()) => {
+            format!("{frac:0<3}")[..3].parse::<i64>().unwrap_or_else(|_| fail(text))
+        }
+        _ => fail(text),
+    };
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+        fail(text);
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    ((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000 + millis
+}
+
+/// A stream item of a `connectionState`: with its blob, or without (a delete).
+pub fn item(name: &str, blob: Option<&str>) -> String {
+    match blob {
+        Some(blob) => format!(r#"{{"streamDescriptor":{{"name":"{name}"}},"streamState":{blob}}}"#),
+        None => format!(r#"{{"streamDescriptor":{{"name":"{name}"}}}}"#),
+    }
+}
+
+/// The `connectionState` member of a stream write of `(name, blob)` items.
+pub fn streams(items: &[(&str, Option<&str>)]) -> String {
+    let items: Vec<String> = items.iter().map(|(name, blob)| item(name, *blob)).collect();
+    format!(r#""connectionState":{{"stateType":"stream","streamState":[{}]}}"#, items.join(","))
+}
+
+/// The `connectionState` member for a state's JSON text.
+pub fn member(state: &str) -> String {
+    format!(r#""connectionState":{state}"#)
+}
+
+/// What `state/get` answers for an empty connection.
+pub fn not_set(id: &str) -> String {
+    format!(r#"{{"stateType":"not_set","connectionId":"{id}"}}"#)
+}
+
+/// A 200 answer with this body at `revision`.
+pub fn ok(body: &str, revision: u64) -> Answer {
+    Answer { status: 200, etag: Some(format!("\"{revision}\"")), body: body.to_owned() }
+}
+
+/// The body of a restore or reset: `StateWriteResult`.
+pub fn write_result(id: &str, revision: u64, state: &str) -> String {
+    format!(r#"{{"connectionId":"{id}","revision":{revision},"connectionState":{state}}}"#)
 }

@@ -17,7 +17,8 @@ async fn health_reports_available() {
 async fn every_route_is_served_under_both_prefixes() {
     let app = TestApp::spawn().await;
     let body = format!(r#"{{"connectionId":"{}"}}"#, new_id());
-    for (method, path, _) in highwater::api::routes() {
+    for route in highwater::api::routes() {
+        let (method, path) = (route.method, route.path);
         for prefix in ["/api/v1", "/v1"] {
             let url = format!("{prefix}{path}");
             let (status, answer) = if method == "GET" { app.get(&url).await } else { app.post(&url, &body).await };
@@ -44,6 +45,6 @@ async fn the_openapi_document_lists_exactly_the_served_routes() {
         })
         .collect();
     let served: BTreeSet<String> =
-        highwater::api::routes().into_iter().map(|(method, path, _)| format!("{method} /v1{path}")).collect();
+        highwater::api::routes().into_iter().map(|r| format!("{} /v1{}", r.method, r.path)).collect();
     assert_eq!(documented, served);
 }

@@ -2,7 +2,7 @@
 //! the fields every write may carry. Same conventions as the Airbyte
 //! routes: unknown properties ignored, every problem a [`FieldError`].
 
-use super::json::{array, blob, is_null, string, Errors, Object};
+use super::json::{array, is_null, string, Errors, Object};
 use super::{connection_id, decode_top, descriptor, state_write, DecodeError, DecodeLimits};
 use crate::state::ops::{LeaseOp, Meta};
 use crate::state::{Blob, ConnectionId, StateWrite, StreamDescriptor};
@@ -54,7 +54,7 @@ fn decode<T>(
     read: impl FnOnce(&Object<'_>, &mut Errors) -> Option<T>,
 ) -> Result<Decoded<T>, DecodeError> {
     let top = decode_top(body, limits)?;
-    let mut errors = Errors::default();
+    let mut errors = Errors::new(limits);
     let Some(top) = top else {
         return errors.finish(None);
     };
@@ -142,8 +142,8 @@ fn stream_query(top: &Object<'_>, errors: &mut Errors) -> Option<StreamDescripto
 /// required (a literal `null` is a blob).
 fn stream_set_query(top: &Object<'_>, errors: &mut Errors) -> Option<(StreamDescriptor, Blob)> {
     let stream = stream_query(top, errors);
-    let state = top.get("streamState").map(blob);
-    if state.is_none() {
+    let state = top.get("streamState").and_then(|raw| errors.blob(raw, "streamState"));
+    if top.get("streamState").is_none() {
         errors.push("streamState", None, "is required (send null to store a literal null)");
     }
     stream.zip(state)
@@ -185,7 +185,7 @@ pub enum LeaseKind {
 /// Decodes `state/lease/list`: `{connectionId?}`.
 pub fn decode_lease_list(body: &[u8], limits: DecodeLimits) -> Result<Option<ConnectionId>, DecodeError> {
     let top = decode_top(body, limits)?;
-    let mut errors = Errors::default();
+    let mut errors = Errors::new(limits);
     let Some(top) = top else {
         return errors.finish(None);
     };

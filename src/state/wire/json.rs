@@ -7,7 +7,7 @@ use std::fmt;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::{DecodeError, FieldError};
+use super::{DecodeError, DecodeLimits, FieldError};
 use crate::state::Blob;
 
 /// Whether any array or object nests deeper than `limit`, found by one pass
@@ -51,10 +51,6 @@ pub(super) fn parse<'a, T: Deserialize<'a>>(text: &'a str) -> serde_json::Result
     let value = T::deserialize(&mut de)?;
     de.end()?;
     Ok(value)
-}
-
-pub(super) fn blob(raw: &RawValue) -> Blob {
-    Blob::from_json(raw.get())
 }
 
 pub(super) fn is_null(raw: &RawValue) -> bool {
@@ -143,28 +139,62 @@ impl<'de> Deserialize<'de> for Members<'de> {
     }
 }
 
-#[derive(Default)]
-pub(super) struct Errors(Vec<FieldError>);
+/// Collects what is wrong with a request, and applies the size limits.
+pub(super) struct Errors {
+    found: Vec<FieldError>,
+    limits: DecodeLimits,
+    /// A limit that was exceeded: reported instead of the field errors.
+    exceeded: Option<DecodeError>,
+}
 
 impl Errors {
+    pub(super) fn new(limits: DecodeLimits) -> Self {
+        Self { found: Vec::new(), limits, exceeded: None }
+    }
+
     pub(super) fn push(&mut self, path: &str, value: Option<&RawValue>, message: &str) {
-        self.0.push(FieldError {
+        self.found.push(FieldError {
             property_path: path.to_owned(),
             invalid_value: value.map(shown),
             message: message.to_owned(),
         });
     }
 
-    /// How many errors are recorded.
+    /// How many problems are recorded.
     pub(super) fn len(&self) -> usize {
-        self.0.len()
+        self.found.len() + usize::from(self.exceeded.is_some())
     }
 
-    /// The value when no error was recorded; otherwise all the errors.
+    /// A blob, unless it is larger than the limit.
+    pub(super) fn blob(&mut self, raw: &RawValue, path: &str) -> Option<Blob> {
+        let size = raw.get().len();
+        let limit = self.limits.max_blob_bytes;
+        if size > limit {
+            self.exceeded.get_or_insert(DecodeError::BlobTooLarge { path: path.to_owned(), size, limit });
+            return None;
+        }
+        Some(Blob::from_json(raw.get()))
+    }
+
+    /// A stream name or namespace, unless it is longer than the limit.
+    pub(super) fn name(&mut self, text: String, path: &str) -> Option<String> {
+        let limit = self.limits.max_name_chars;
+        if text.chars().count() > limit {
+            self.exceeded.get_or_insert(DecodeError::NameTooLong { path: path.to_owned(), limit });
+            return None;
+        }
+        Some(text)
+    }
+
+    /// The value when nothing was recorded; otherwise the exceeded limit or
+    /// all the field errors.
     pub(super) fn finish<T>(self, value: Option<T>) -> Result<T, DecodeError> {
+        if let Some(exceeded) = self.exceeded {
+            return Err(exceeded);
+        }
         match value {
-            Some(value) if self.0.is_empty() => Ok(value),
-            _ => Err(DecodeError::Invalid(self.0)),
+            Some(value) if self.found.is_empty() => Ok(value),
+            _ => Err(DecodeError::Invalid(self.found)),
         }
     }
 }

@@ -16,7 +16,7 @@ use std::fmt;
 use serde_json::value::RawValue;
 
 use super::{ConnectionId, EntryKey, EntryOp, StateType, StateWrite, StoredState, StreamDescriptor};
-use json::{array, blob, is_null, nesting_exceeds, object, parse, shown, string, Errors, Members, Object};
+use json::{array, is_null, nesting_exceeds, object, parse, shown, string, Errors, Members, Object};
 
 /// Limits applied while decoding a request.
 #[derive(Debug, Clone, Copy)]
@@ -25,6 +25,16 @@ pub struct DecodeLimits {
     pub max_depth: usize,
     /// Most stream items one request may carry.
     pub max_streams: usize,
+    /// Largest single blob, in bytes.
+    pub max_blob_bytes: usize,
+    /// Longest stream name or namespace, in characters.
+    pub max_name_chars: usize,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        Self { max_depth: 128, max_streams: 100_000, max_blob_bytes: 128 * 1024 * 1024, max_name_chars: 1024 }
+    }
 }
 
 /// Why a request body was refused.
@@ -39,6 +49,12 @@ pub enum DecodeError {
     /// More stream items than the limit allows (422).
     #[error("the request carries {count} streams, more than the limit of {limit}")]
     TooManyStreams { count: usize, limit: usize },
+    /// A blob larger than the limit (422).
+    #[error("{path} is {size} bytes, more than the limit of {limit}")]
+    BlobTooLarge { path: String, size: usize, limit: usize },
+    /// A stream name or namespace longer than the limit (422).
+    #[error("{path} is longer than {limit} characters")]
+    NameTooLong { path: String, limit: usize },
     /// Well-formed JSON that breaks the schema (422).
     #[error("the request body is invalid: {}", .0.first().map(ToString::to_string).unwrap_or_default())]
     Invalid(Vec<FieldError>),
@@ -65,7 +81,7 @@ impl fmt::Display for FieldError {
 /// Decodes a `ConnectionIdRequestBody`.
 pub fn decode_connection_id_request(body: &[u8], limits: DecodeLimits) -> Result<ConnectionId, DecodeError> {
     let top = decode_top(body, limits)?;
-    let mut errors = Errors::default();
+    let mut errors = Errors::new(limits);
     let id = top.and_then(|top| connection_id(&top, &mut errors));
     errors.finish(id)
 }
@@ -85,7 +101,7 @@ fn decode_top(body: &[u8], limits: DecodeLimits) -> Result<Option<Object<'_>>, D
     }
     if text.trim_start().starts_with('{') {
         let members: Members<'_> = parse(text).map_err(|e| DecodeError::Syntax(e.to_string()))?;
-        let mut errors = Errors::default();
+        let mut errors = Errors::new(limits);
         let top = Object::new(members, "", &mut errors);
         return errors.finish(Some(top)).map(Some);
     }
@@ -140,7 +156,10 @@ fn state_write(
     };
     let mut streams = StreamItems::new(limits);
     let ops = match state_type {
-        StateType::Legacy => vec![EntryOp { key: EntryKey::Legacy, blob: state.get("state").map(blob) }],
+        StateType::Legacy => vec![EntryOp {
+            key: EntryKey::Legacy,
+            blob: state.get("state").and_then(|raw| errors.blob(raw, "connectionState.state")),
+        }],
         StateType::Stream => {
             let path = "connectionState.streamState";
             streams.read(state.get("streamState"), path, errors)?;
@@ -166,7 +185,7 @@ fn global_ops(state: &Object<'_>, streams: &mut StreamItems, errors: &mut Errors
             errors.push(path, Some(alias), "must not be sent together with shared_state");
             None
         }
-        (snake, camel) => snake.or(camel).map(blob),
+        (snake, camel) => snake.or(camel).and_then(|raw| errors.blob(raw, "connectionState.globalState.shared_state")),
     };
     let mut ops = vec![EntryOp { key: EntryKey::Shared, blob: shared }];
     let path = "connectionState.globalState.streamStates";
@@ -214,7 +233,7 @@ impl StreamItems {
                 continue;
             }
             self.seen.insert(key.clone(), descriptor_path);
-            let blob = item.get("streamState").map(blob);
+            let blob = item.get("streamState").and_then(|raw| errors.blob(raw, &format!("{item_path}.streamState")));
             self.ops.push(EntryOp { key, blob });
         }
         Ok(())
@@ -233,22 +252,25 @@ fn descriptor(raw: Option<&RawValue>, path: &str, errors: &mut Errors) -> Option
             errors.push(&name_path, None, "is required");
             None
         }
-        Some(raw) => {
-            let name = string(raw);
-            if name.is_none() {
+        Some(raw) => match string(raw) {
+            Some(name) => errors.name(name, &name_path),
+            None => {
                 errors.push(&name_path, Some(raw), "must be a string");
+                None
             }
-            name
-        }
+        },
     };
     let namespace = match descriptor.get("namespace").filter(|raw| !is_null(raw)) {
         None => Some(None),
         Some(raw) => {
-            let namespace = string(raw);
-            if namespace.is_none() {
-                errors.push(&format!("{path}.namespace"), Some(raw), "must be a string");
+            let namespace_path = format!("{path}.namespace");
+            match string(raw) {
+                Some(namespace) => errors.name(namespace, &namespace_path).map(Some),
+                None => {
+                    errors.push(&namespace_path, Some(raw), "must be a string");
+                    None
+                }
             }
-            namespace.map(Some)
         }
     };
     Some(StreamDescriptor { name: name?, namespace: namespace? })

@@ -2,7 +2,8 @@ use super::json::nesting_exceeds;
 use super::*;
 use crate::state::Blob;
 
-const LIMITS: DecodeLimits = DecodeLimits { max_depth: 128, max_streams: 1000 };
+const LIMITS: DecodeLimits =
+    DecodeLimits { max_depth: 128, max_streams: 1000, max_blob_bytes: 1 << 20, max_name_chars: 100 };
 const ID: &str = "5b9a7c1e-0f6a-4e1d-9c11-3f0b8d2a4e77";
 
 fn write(state: &str) -> Result<(ConnectionId, StateWrite), DecodeError> {

@@ -54,6 +54,7 @@ struct WriteJob {
 pub struct SqliteStore {
     path: PathBuf,
     writes: mpsc::Sender<WriteJob>,
+    writer: Option<thread::JoinHandle<()>>,
     readers: Arc<Mutex<Vec<Connection>>>,
     read_permits: Semaphore,
 }
@@ -68,13 +69,14 @@ impl SqliteStore {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| OpenError::Open { path: path.display().to_string(), source })?;
         let (writes, queue) = mpsc::channel(QUEUE_DEPTH);
-        thread::Builder::new()
+        let writer = thread::Builder::new()
             .name("highwater-sqlite-writer".to_owned())
             .spawn(move || write_loop(writer, queue))
             .map_err(OpenError::Thread)?;
         Ok(Self {
             path: path.to_owned(),
             writes,
+            writer: Some(writer),
             readers: Arc::new(Mutex::new(readers)),
             read_permits: Semaphore::new(READERS),
         })
@@ -211,8 +213,22 @@ impl Store for SqliteStore {
     }
 }
 
+impl Drop for SqliteStore {
+    /// Lets the writer finish what is queued, fold the WAL back into the
+    /// database file, and stop, before the process goes.
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.writes, closed));
+        if let Some(writer) = self.writer.take() {
+            if writer.join().is_err() {
+                tracing::error!("the SQLite writer thread panicked");
+            }
+        }
+    }
+}
+
 /// The writer thread: commits queued writes in groups until every sender
-/// is gone.
+/// is gone, then checkpoints the WAL.
 fn write_loop(mut conn: Connection, mut queue: mpsc::Receiver<WriteJob>) {
     while let Some(first) = queue.blocking_recv() {
         let mut group = vec![first];
@@ -223,6 +239,9 @@ fn write_loop(mut conn: Connection, mut queue: mpsc::Receiver<WriteJob>) {
             }
         }
         commit_group(&mut conn, group);
+    }
+    if let Err(error) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+        tracing::warn!(%error, "could not checkpoint the WAL at shutdown; it will be replayed at the next start");
     }
 }
 
