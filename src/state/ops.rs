@@ -171,6 +171,10 @@ pub fn lease_transition(
     }
 }
 
+/// A state as it was at some revision: its type and its entries with their
+/// positions.
+pub type PastState = (Option<StateType>, Vec<(EntryKey, i64, Blob)>);
+
 /// What the store loaded for an operation's [`Needs`].
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Context {
@@ -178,7 +182,7 @@ pub struct Context {
     pub current_keys: Vec<EntryKey>,
     /// The state at the requested revision: its type and its entries with
     /// their positions (for `Needs::Revision`).
-    pub target: Option<(Option<StateType>, Vec<(EntryKey, i64, Blob)>)>,
+    pub target: Option<PastState>,
 }
 
 /// The entry ops an operation comes to.

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use deadpool_postgres::GenericClient;
 
 use super::classify;
-use crate::state::ops::{check_guard, plan, Context, Lease, Needs, Refusal, WriteRequest};
+use crate::state::ops::{check_guard, plan, Context, Lease, Needs, PastState, Refusal, WriteRequest};
 use crate::state::{changes, Blob, ConnectionId, EntryKey, StateType, StoredState};
 use crate::store::{Applied, StoreError};
 
@@ -59,11 +59,7 @@ pub async fn header(
 }
 
 /// The state as it was at `revision`, with each entry's position.
-pub async fn state_at(
-    client: &impl GenericClient,
-    id: ConnectionId,
-    revision: u64,
-) -> Result<(Option<StateType>, Vec<(EntryKey, i64, Blob)>), StoreError> {
+pub async fn state_at(client: &impl GenericClient, id: ConnectionId, revision: u64) -> Result<PastState, StoreError> {
     let id_text = id.to_string();
     let current = header(client, id).await?.map_or(0, |(_, r, _)| r);
     if revision > current {

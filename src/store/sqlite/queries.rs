@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::classify;
-use crate::state::ops::{check_guard, plan, Context, Lease, Needs, Refusal, WriteRequest};
+use crate::state::ops::{check_guard, plan, Context, Lease, Needs, PastState, Refusal, WriteRequest};
 use crate::state::{changes, Blob, Change, ConnectionId, EntryKey, EntryOp, StateType, StoredState};
 use crate::store::{Applied, StoreError};
 
@@ -37,11 +37,7 @@ pub fn read_state(conn: &Connection, id: ConnectionId) -> Result<StoredState, St
 }
 
 /// Reads the state as it was at `revision`, with each entry's position.
-pub fn state_at(
-    conn: &Connection,
-    id: ConnectionId,
-    revision: u64,
-) -> Result<(Option<StateType>, Vec<(EntryKey, i64, Blob)>), StoreError> {
+pub fn state_at(conn: &Connection, id: ConnectionId, revision: u64) -> Result<PastState, StoreError> {
     let id_text = id.to_string();
     let current = header(conn, &id_text)?.map_or(0, |(_, r, _)| r);
     if revision > current {

@@ -1,0 +1,77 @@
+//! The configurable limits (STATE-API.md §6 and beyond): each answers with
+//! a clear error that names its setting, and nothing is written.
+
+#[allow(dead_code)]
+#[path = "api/harness.rs"]
+mod harness;
+#[path = "support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use harness::{default_limits, invalid_input, known_error, masked, new_id, TestApp};
+
+#[tokio::test]
+async fn a_blob_over_the_blob_limit_gets_422_naming_the_setting() {
+    let mut limits = default_limits();
+    limits.decode.max_blob_bytes = 10;
+    let app = TestApp::spawn_with(limits).await;
+    let id = new_id();
+    let state =
+        r#"{"stateType":"stream","streamState":[{"streamDescriptor":{"name":"a"},"streamState":"0123456789abc"}]}"#;
+    let (status, body) = app.write(&id, state).await;
+    assert_eq!(status, 422);
+    let path = "connectionState.streamState[0].streamState";
+    let message = "is 15 bytes, more than the limit of 10 (set by --max-blob-bytes / HIGHWATER_MAX_BLOB_BYTES)";
+    assert_eq!(body, invalid_input(&format!("Invalid input: {path}: {message}."), &[(path, None, message)]));
+    assert!(app.read(&id).await.contains("not_set"));
+}
+
+#[tokio::test]
+async fn a_stream_name_over_the_name_limit_gets_422_naming_the_setting() {
+    let mut limits = default_limits();
+    limits.decode.max_name_chars = 4;
+    let app = TestApp::spawn_with(limits).await;
+    let state = r#"{"stateType":"stream","streamState":[{"streamDescriptor":{"name":"users","namespace":"ok"},"streamState":1}]}"#;
+    let (status, body) = app.write(&new_id(), state).await;
+    assert_eq!(status, 422);
+    let path = "connectionState.streamState[0].streamDescriptor.name";
+    let message = "is longer than 4 characters (the limit set by --max-name-chars / HIGHWATER_MAX_NAME_CHARS)";
+    assert_eq!(body, invalid_input(&format!("Invalid input: {path}: {message}."), &[(path, None, message)]));
+}
+
+#[tokio::test]
+async fn requests_beyond_the_concurrency_limit_get_503_but_health_still_answers() {
+    let mut limits = default_limits();
+    limits.max_concurrent_requests = 0;
+    let app = TestApp::spawn_with(limits).await;
+    let (status, body) = app.post("/api/v1/state/get", &format!(r#"{{"connectionId":"{}"}}"#, new_id())).await;
+    assert_eq!(status, 503);
+    let message = "Too many requests in flight (the limit is 0, set by --max-concurrent-requests / \
+                   HIGHWATER_MAX_CONCURRENT_REQUESTS); retry shortly.";
+    assert_eq!(masked(&body), known_error(message, "Overloaded"));
+    assert_eq!(app.get("/api/v1/health").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_request_over_the_timeout_gets_503_saying_a_write_may_have_landed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut limits = default_limits();
+    limits.request_timeout = Duration::from_millis(300);
+    let app = TestApp::spawn_with(limits).await;
+    // A client that announces a body and then stalls, as a slow or
+    // malicious one would.
+    let mut stream = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    let head = "POST /api/v1/state/get HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                Content-Length: 100\r\nConnection: close\r\n\r\n{\"connectionId\":";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer)).await;
+    assert!(read.is_ok(), "no answer within 10 s");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let message =
+        "The request took longer than 0.3s (set by --request-timeout-secs / HIGHWATER_REQUEST_TIMEOUT_SECS); \
+                   a write may or may not have been applied: read the state, or retry with expectedRevision.";
+    assert_eq!(masked(body), known_error(message, "RequestTimeout"));
+}
