@@ -20,9 +20,26 @@ impl<K> Default for KeyedLock<K> {
 
 /// Held while the key is locked.
 pub struct KeyedGuard<K: Eq + Hash> {
+    // Declared first so it is released before `_cleanup` looks at the count.
+    _held: OwnedMutexGuard<()>,
+    _cleanup: Cleanup<K>,
+}
+
+/// Forgets the key's mutex once nobody holds or waits for it; runs when a
+/// guard is released and also when a waiter gives up (its future dropped).
+struct Cleanup<K: Eq + Hash> {
     key: K,
-    guard: Option<OwnedMutexGuard<()>>,
     locks: Arc<Mutex<HashMap<K, Arc<AsyncMutex<()>>>>>,
+}
+
+impl<K: Eq + Hash> Drop for Cleanup<K> {
+    fn drop(&mut self) {
+        let mut locks = self.locks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // The map's reference is the last one: nobody holds or waits.
+        if locks.get(&self.key).is_some_and(|m| Arc::strong_count(m) == 1) {
+            locks.remove(&self.key);
+        }
+    }
 }
 
 impl<K: Eq + Hash + Clone> KeyedLock<K> {
@@ -32,19 +49,9 @@ impl<K: Eq + Hash + Clone> KeyedLock<K> {
             let mut locks = self.locks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             locks.entry(key.clone()).or_default().clone()
         };
-        let guard = mutex.lock_owned().await;
-        KeyedGuard { key, guard: Some(guard), locks: self.locks.clone() }
-    }
-}
-
-impl<K: Eq + Hash> Drop for KeyedGuard<K> {
-    fn drop(&mut self) {
-        let mut locks = self.locks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        drop(self.guard.take());
-        // The map's reference is the last one: nobody holds or waits.
-        if locks.get(&self.key).is_some_and(|m| Arc::strong_count(m) == 1) {
-            locks.remove(&self.key);
-        }
+        let cleanup = Cleanup { key, locks: self.locks.clone() };
+        let held = mutex.lock_owned().await;
+        KeyedGuard { _held: held, _cleanup: cleanup }
     }
 }
 
@@ -57,6 +64,16 @@ mod tests {
         let locks = KeyedLock::default();
         let guard = locks.lock(1).await;
         assert_eq!(locks.locks.lock().unwrap().len(), 1);
+        drop(guard);
+        assert!(locks.locks.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gives_up_leaves_nothing_behind() {
+        let locks = KeyedLock::default();
+        let guard = locks.lock(7).await;
+        let gave_up = tokio::time::timeout(std::time::Duration::from_millis(1), locks.lock(7)).await;
+        assert!(gave_up.is_err());
         drop(guard);
         assert!(locks.locks.lock().unwrap().is_empty());
     }
