@@ -32,6 +32,16 @@ pub enum OpenError {
          run `highwater migrate` or start without --migrate false"
     )]
     TooOld { path: String, found: i64, known: usize },
+    #[error(
+        "{path} is damaged ({first}); refusing to serve from it. Restore it from a backup \
+         (highwater export / import) or repair it with the sqlite3 .recover command"
+    )]
+    Corrupt { path: String, first: String },
+    #[error(
+        "{path} is read-only (a read-only filesystem or no write permission); Highwater needs to write it \
+         and its -wal and -shm files next to it"
+    )]
+    ReadOnly { path: String },
     #[error("cannot start the SQLite writer thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot prepare the SQLite database {path}: {source}")]
@@ -43,9 +53,12 @@ pub enum OpenError {
 pub fn open_writer(path: &Path, apply: bool) -> Result<Connection, OpenError> {
     let shown = path.display().to_string();
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let mut conn =
-        Connection::open_with_flags(path, flags).map_err(|source| OpenError::Open { path: shown.clone(), source })?;
-    check_ownership(&conn, &shown)?;
+    let mut conn = Connection::open_with_flags(path, flags).map_err(|source| not_writable(path, &shown, source))?;
+    check_ownership(&conn, &shown).map_err(|error| match error {
+        OpenError::Open { source, .. } => not_writable(path, &shown, source),
+        other => other,
+    })?;
+    check_integrity(&conn, &shown)?;
     let setup = |source| OpenError::Setup { path: shown.clone(), source };
     // WAL lets readers proceed beside the writer; FULL syncs the WAL on every
     // commit, so an acknowledged write survives a power cut.
@@ -64,24 +77,60 @@ pub fn open_reader(path: &Path) -> Result<Connection, rusqlite::Error> {
     Ok(conn)
 }
 
+/// Says "read-only" when that is why SQLite cannot open the file (it needs
+/// to write the file and its -wal and -shm companions).
+fn not_writable(path: &Path, shown: &str, source: rusqlite::Error) -> OpenError {
+    let probe = std::fs::OpenOptions::new().append(true).open(path);
+    match probe.map_err(|e| e.kind()) {
+        Err(std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied) => {
+            OpenError::ReadOnly { path: shown.to_owned() }
+        }
+        _ => OpenError::Open { path: shown.to_owned(), source },
+    }
+}
+
 /// Refuses files that are not SQLite, or SQLite files that hold someone
 /// else's tables, before anything is written to them.
 fn check_ownership(conn: &Connection, path: &str) -> Result<(), OpenError> {
     let foreign = || OpenError::Foreign { path: path.to_owned() };
-    let app_id: i64 = conn.pragma_query_value(None, "application_id", |row| row.get(0)).map_err(|_| foreign())?;
+    // Only "not a database" means foreign; a read-only or unreadable file
+    // is reported as what it is.
+    let classify = |source: rusqlite::Error| match source.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) => foreign(),
+        _ => OpenError::Open { path: path.to_owned(), source },
+    };
+    let app_id: i64 = conn.pragma_query_value(None, "application_id", |row| row.get(0)).map_err(classify)?;
     if app_id == APPLICATION_ID {
         return Ok(());
     }
-    let objects: i64 =
-        conn.query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0)).map_err(|_| foreign())?;
+    let objects: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0)).map_err(classify)?;
     if app_id == 0 && objects == 0 {
         return Ok(());
     }
     Err(foreign())
 }
 
+/// Checks every page of an existing database before serving from it, so a
+/// damaged file is refused at start-up rather than failing requests later.
+fn check_integrity(conn: &Connection, path: &str) -> Result<(), OpenError> {
+    let setup = |source| OpenError::Setup { path: path.to_owned(), source };
+    let mut stmt = conn.prepare("PRAGMA quick_check").map_err(setup)?;
+    let problems: Vec<String> = stmt.query_map([], |row| row.get(0)).and_then(Iterator::collect).map_err(setup)?;
+    match problems.as_slice() {
+        [ok] if ok == "ok" => Ok(()),
+        _ => Err(OpenError::Corrupt { path: path.to_owned(), first: problems.into_iter().next().unwrap_or_default() }),
+    }
+}
+
 fn migrate(conn: &mut Connection, path: &str, apply: bool) -> Result<(), OpenError> {
     let setup = |source| OpenError::Setup { path: path.to_owned(), source };
+    let read = |name: &str| conn.pragma_query_value(None, name, |row| row.get::<_, i64>(0));
+    let (version, app_id) = (read("user_version").map_err(setup)?, read("application_id").map_err(setup)?);
+    // Nothing to do: write nothing, so a full or read-only disk can still
+    // serve reads after a restart.
+    if version == MIGRATIONS.len() as i64 && app_id == APPLICATION_ID {
+        return Ok(());
+    }
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(setup)?;
     let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(setup)?;
     let known = MIGRATIONS.len();
