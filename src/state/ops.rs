@@ -224,15 +224,22 @@ pub fn plan(operation: &Operation, stored: Option<StateType>, context: &Context)
         }
         Operation::Restore { .. } => {
             let (state_type, entries) = context.target.clone().unwrap_or_default();
+            // Positions matter only when the order would differ: the same
+            // keys in the same order need no moving (and a restore that
+            // changes nothing visible takes no revision).
+            let same_order = entries.len() == context.current_keys.len()
+                && entries.iter().zip(&context.current_keys).all(|((key, _, _), current)| key == current);
             let mut pinned_seqs = HashMap::with_capacity(entries.len());
             let mut ops: Vec<EntryOp> = Vec::with_capacity(entries.len() + context.current_keys.len());
             for (key, seq, blob) in entries {
-                pinned_seqs.insert(key.encode(), seq);
+                if !same_order {
+                    pinned_seqs.insert(key.encode(), seq);
+                }
                 ops.push(EntryOp { key, blob: Some(blob) });
             }
-            let kept: std::collections::HashSet<String> = pinned_seqs.keys().cloned().collect();
-            let gone = context.current_keys.iter().filter(|key| !kept.contains(&key.encode()));
-            ops.extend(gone.map(|key| EntryOp { key: key.clone(), blob: None }));
+            let kept: std::collections::HashSet<&EntryKey> = ops.iter().map(|op| &op.key).collect();
+            let gone: Vec<EntryKey> = context.current_keys.iter().filter(|key| !kept.contains(key)).cloned().collect();
+            ops.extend(gone.into_iter().map(|key| EntryOp { key, blob: None }));
             Ok(Plan { ops, pinned_seqs, state_type })
         }
     }

@@ -297,3 +297,44 @@ pub fn ok(body: &str, revision: u64) -> Answer {
 pub fn write_result(id: &str, revision: u64, state: &str) -> String {
     format!(r#"{{"connectionId":"{id}","revision":{revision},"connectionState":{state}}}"#)
 }
+
+/// xorshift64: a deterministic PRNG, so a failing random test replays
+/// exactly from its seed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// A small blob in one of several shapes, with spellings a JSON
+    /// re-encoder would change (`1.50`, `1e3`, duplicate keys, escapes).
+    pub fn blob(&mut self) -> String {
+        let n = self.below(100_000);
+        match self.below(7) {
+            0 => format!(r#"{{"cursor":{n}}}"#),
+            1 => format!(r#"[{n},"s{n}",true]"#),
+            2 => format!("{n}.50"),
+            3 => "null".to_owned(),
+            4 => format!(r#"{{"b":{n},"a":"dup","a":1e{}}}"#, n % 9),
+            5 => format!(r#""caf\u00e9 {n}""#),
+            _ => format!(r#"{{"nested":{{"lsn":{n},"l":[{{}},[]]}}}}"#),
+        }
+    }
+}
+
+/// Expected validation errors, as (propertyPath, invalidValue, message),
+/// for [`invalid_input`].
+pub type FieldErrors<'a> = &'a [(&'a str, Option<&'a str>, &'a str)];

@@ -2,6 +2,8 @@
 //! the fields every write may carry. Same conventions as the Airbyte
 //! routes: unknown properties ignored, every problem a [`FieldError`].
 
+use std::ops::RangeInclusive;
+
 use super::json::{array, is_null, string, Errors, Object};
 use super::{connection_id, decode_top, descriptor, state_write, DecodeError, DecodeLimits};
 use crate::state::ops::{LeaseOp, Meta};
@@ -13,6 +15,9 @@ pub const MAX_REASON_CHARS: usize = 1000;
 pub const MAX_NAME_CHARS: usize = 200;
 /// Longest lease, in seconds.
 pub const MAX_TTL_SECONDS: u64 = 86_400;
+
+/// Any non-negative integer.
+const ANY: RangeInclusive<u64> = 0..=u64::MAX;
 
 /// The optional fields every write accepts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -67,7 +72,7 @@ fn decode<T>(
 /// `expectedRevision`, `leaseToken`, `reason` and `actor`.
 fn write_fields(top: &Object<'_>, errors: &mut Errors) -> WriteFields {
     WriteFields {
-        expected_revision: number(top, "expectedRevision", errors, false, u64::MAX),
+        expected_revision: number(top, "expectedRevision", errors, false, ANY),
         lease_token: text(top, "leaseToken", errors, false, MAX_NAME_CHARS),
         meta: Meta {
             actor: text(top, "actor", errors, false, MAX_NAME_CHARS),
@@ -79,31 +84,28 @@ fn write_fields(top: &Object<'_>, errors: &mut Errors) -> WriteFields {
 /// `state/get`'s optional `revision`.
 fn revision_field(top: &Object<'_>, errors: &mut Errors) -> Option<Option<u64>> {
     let before = errors.len();
-    let revision = number(top, "revision", errors, false, u64::MAX);
+    let revision = number(top, "revision", errors, false, ANY);
     (errors.len() == before).then_some(revision)
 }
 
 /// `{limit?, beforeRevision?}`.
 fn history_query(top: &Object<'_>, errors: &mut Errors) -> Option<HistoryQuery> {
     let before = errors.len();
-    let limit = number(top, "limit", errors, false, 1000).unwrap_or(100);
-    if limit == 0 {
-        errors.push("limit", top.get("limit"), "must be between 1 and 1000");
-    }
-    let before_revision = number(top, "beforeRevision", errors, false, u64::MAX);
+    let limit = number(top, "limit", errors, false, 1..=1000).unwrap_or(100);
+    let before_revision = number(top, "beforeRevision", errors, false, 1..=u64::MAX);
     (errors.len() == before).then_some(HistoryQuery { limit: limit as usize, before: before_revision })
 }
 
 /// `{fromRevision, toRevision}`.
 fn diff_query(top: &Object<'_>, errors: &mut Errors) -> Option<(u64, u64)> {
-    let from = number(top, "fromRevision", errors, true, u64::MAX);
-    let to = number(top, "toRevision", errors, true, u64::MAX);
+    let from = number(top, "fromRevision", errors, true, ANY);
+    let to = number(top, "toRevision", errors, true, ANY);
     from.zip(to)
 }
 
 /// `{revision}` of a restore.
 fn restore_query(top: &Object<'_>, errors: &mut Errors) -> Option<u64> {
-    number(top, "revision", errors, true, u64::MAX)
+    number(top, "revision", errors, true, ANY)
 }
 
 /// `{streams?, includeShared?}` of a reset.
@@ -151,24 +153,16 @@ fn stream_set_query(top: &Object<'_>, errors: &mut Errors) -> Option<(StreamDesc
 
 /// `{holder, ttlSeconds}`, `{token, ttlSeconds}` or `{token}`.
 fn lease_query(top: &Object<'_>, errors: &mut Errors, kind: LeaseKind) -> Option<LeaseOp> {
-    let ttl = |errors: &mut Errors| number(top, "ttlSeconds", errors, true, MAX_TTL_SECONDS);
-    let positive = |ttl: Option<u64>, errors: &mut Errors| match ttl {
-        Some(0) => {
-            errors.push("ttlSeconds", top.get("ttlSeconds"), "must be between 1 and 86400");
-            None
-        }
-        other => other.map(|s| s as i64 * 1000),
-    };
+    let ttl_ms =
+        |errors: &mut Errors| number(top, "ttlSeconds", errors, true, 1..=MAX_TTL_SECONDS).map(|s| s as i64 * 1000);
     match kind {
         LeaseKind::Acquire => {
             let holder = text(top, "holder", errors, true, MAX_NAME_CHARS);
-            let ttl = ttl(errors);
-            holder.zip(positive(ttl, errors)).map(|(holder, ttl_ms)| LeaseOp::Acquire { holder, ttl_ms })
+            holder.zip(ttl_ms(errors)).map(|(holder, ttl_ms)| LeaseOp::Acquire { holder, ttl_ms })
         }
         LeaseKind::Renew => {
             let token = text(top, "token", errors, true, MAX_NAME_CHARS);
-            let ttl = ttl(errors);
-            token.zip(positive(ttl, errors)).map(|(token, ttl_ms)| LeaseOp::Renew { token, ttl_ms })
+            token.zip(ttl_ms(errors)).map(|(token, ttl_ms)| LeaseOp::Renew { token, ttl_ms })
         }
         LeaseKind::Release => text(top, "token", errors, true, MAX_NAME_CHARS).map(|token| LeaseOp::Release { token }),
     }
@@ -197,19 +191,26 @@ pub fn decode_lease_list(body: &[u8], limits: DecodeLimits) -> Result<Option<Con
 }
 
 /// A non-negative integer member no larger than `max`.
-fn number(top: &Object<'_>, name: &str, errors: &mut Errors, required: bool, max: u64) -> Option<u64> {
+/// An integer member within `range`.
+fn number(
+    top: &Object<'_>,
+    name: &str,
+    errors: &mut Errors,
+    required: bool,
+    range: RangeInclusive<u64>,
+) -> Option<u64> {
     let Some(raw) = top.get(name).filter(|raw| !is_null(raw)) else {
         if required {
             errors.push(name, None, "is required");
         }
         return None;
     };
-    let value = raw.get().parse::<u64>().ok().filter(|v| *v <= max);
+    let value = raw.get().parse::<u64>().ok().filter(|v| range.contains(v));
     if value.is_none() {
-        let message = if max == u64::MAX {
-            "must be a non-negative integer".to_owned()
-        } else {
-            format!("must be an integer between 0 and {max}")
+        let message = match (*range.start(), *range.end()) {
+            (0, u64::MAX) => "must be a non-negative integer".to_owned(),
+            (min, u64::MAX) => format!("must be an integer of at least {min}"),
+            (min, max) => format!("must be an integer between {min} and {max}"),
         };
         errors.push(name, Some(raw), &message);
     }
