@@ -9,6 +9,7 @@
 //! | `--database-pool-size` | `HIGHWATER_DATABASE_POOL_SIZE` | 16 |
 //! | `--database-timeout-ms` | `HIGHWATER_DATABASE_TIMEOUT_MS` | 3000 |
 //! | `--database-operation-timeout-ms` | `HIGHWATER_DATABASE_OPERATION_TIMEOUT_MS` | 30000 |
+//! | `--state-cache-mb` | `HIGHWATER_STATE_CACHE_MB` | 32 |
 //! | `--migrate` | `HIGHWATER_MIGRATE` | `true` |
 //! | `--max-body-bytes` | `HIGHWATER_MAX_BODY_BYTES` | 134217728 (128 MiB) |
 //! | `--max-json-depth` | `HIGHWATER_MAX_JSON_DEPTH` | 128 |
@@ -144,6 +145,12 @@ pub struct DatabaseArgs {
     #[arg(long, env = "HIGHWATER_DATABASE_OPERATION_TIMEOUT_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub database_operation_timeout_ms: u64,
+
+    /// Memory for cached current states, in MiB: large states are then
+    /// not read back row by row on every read and after every write.
+    #[arg(long, env = "HIGHWATER_STATE_CACHE_MB", default_value_t = 32,
+          value_parser = clap::value_parser!(u64).range(0..=65_536))]
+    pub state_cache_mb: u64,
 }
 
 impl DatabaseArgs {
@@ -154,6 +161,7 @@ impl DatabaseArgs {
             pool_size: self.database_pool_size as usize,
             connect_timeout: Duration::from_millis(self.database_timeout_ms),
             operation_timeout: Duration::from_millis(self.database_operation_timeout_ms),
+            state_cache_bytes: (self.state_cache_mb as usize).saturating_mul(1024 * 1024),
         }
     }
 }

@@ -105,9 +105,9 @@ async fn a_silent_database_gives_503_within_the_timeout_and_the_store_recovers()
         .await
         .unwrap()
         .entries
-        .into_iter()
+        .iter()
         .filter_map(|(key, _)| match key {
-            EntryKey::Stream(d) => Some(d.name),
+            EntryKey::Stream(d) => Some(d.name.clone()),
             _ => None,
         })
         .collect();

@@ -157,3 +157,25 @@ async fn pruning_by_age_keeps_the_current_revision() {
     assert_eq!(history.oldest, Some(3));
     assert_eq!(store.read(id).await.unwrap().entries.len(), 1);
 }
+
+#[tokio::test]
+async fn an_import_over_a_cached_connection_is_seen_by_the_next_read() {
+    let backend = backend().await;
+    let store = &backend.store;
+    let (id, other) = (ConnectionId::random(), ConnectionId::random());
+    // Two connections at the same revision with different content.
+    store.write(id, write(StateType::Stream, vec![stream("mine", Some("1"))])).await.unwrap();
+    store.write(other, write(StateType::Stream, vec![stream("theirs", Some("2"))])).await.unwrap();
+    let cached = store.read(id).await.unwrap();
+    let mut dump = store.dump(other).await.unwrap().unwrap();
+    dump.id = id;
+    let line = dump.to_line().unwrap();
+    let replacement = highwater::store::dump::ConnectionDump::from_line(&line).unwrap();
+    store.load(replacement, true).await.unwrap();
+    let after = store.read(id).await.unwrap();
+    assert_eq!(after.revision, cached.revision);
+    assert_ne!(after.entries, cached.entries, "the read served the replaced state from the cache");
+    // A write after the import builds on the imported state.
+    let next = store.write(id, write(StateType::Stream, vec![stream("more", Some("3"))])).await.unwrap();
+    assert_eq!(next.entries.len(), 2);
+}

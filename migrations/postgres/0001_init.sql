@@ -7,7 +7,8 @@ CREATE TABLE connections (
     connection_id text PRIMARY KEY,               -- lower-case UUID
     state_type    text CHECK (state_type IN ('legacy', 'global', 'stream')),  -- NULL: not_set
     revision      bigint NOT NULL,                -- latest revision, 1, 2, 3 ... without gaps
-    next_seq      bigint NOT NULL                 -- next entry's place in insertion order
+    next_seq      bigint NOT NULL,                -- next entry's place in insertion order
+    epoch         bigint NOT NULL DEFAULT 0       -- changes when an import replaces the connection
 );
 
 CREATE TABLE revisions (

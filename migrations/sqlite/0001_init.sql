@@ -9,7 +9,8 @@ CREATE TABLE connections (
     connection_id TEXT PRIMARY KEY NOT NULL,      -- lower-case UUID
     state_type    TEXT CHECK (state_type IN ('legacy', 'global', 'stream')),  -- NULL: not_set
     revision      INTEGER NOT NULL,               -- latest revision, 1, 2, 3 ... without gaps
-    next_seq      INTEGER NOT NULL                -- next entry's place in insertion order
+    next_seq      INTEGER NOT NULL,               -- next entry's place in insertion order
+    epoch         INTEGER NOT NULL DEFAULT 0      -- changes when an import replaces the connection
 ) WITHOUT ROWID;
 
 -- One row per accepted write that changed something.

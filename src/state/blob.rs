@@ -4,21 +4,23 @@
 //! spelling and string escapes survive a round trip (STATE-API.md §3). The
 //! only change allowed, and made, is removing whitespace outside strings.
 
-/// One entry's JSON value, as compact text.
+use std::sync::Arc;
+
+/// One entry's JSON value, as compact text. Cloning shares the text.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Blob(String);
+pub struct Blob(Arc<str>);
 
 impl Blob {
     /// Takes JSON text that has already been checked to be one valid value
     /// and removes the whitespace outside its strings.
     pub fn from_json(text: &str) -> Self {
-        Self(minify(text))
+        Self(minify(text).into())
     }
 
     /// Wraps text read back from storage, where only [`Blob::from_json`]'s
     /// output is ever written.
     pub fn from_stored(text: String) -> Self {
-        Self(text)
+        Self(text.into())
     }
 
     /// The compact JSON text.
@@ -28,7 +30,7 @@ impl Blob {
 
     /// Consumes the blob, returning its text.
     pub fn into_string(self) -> String {
-        self.0
+        self.0.to_string()
     }
 
     /// Size of the text in bytes.

@@ -158,6 +158,36 @@ pub struct StoredState {
     pub entries: Vec<(EntryKey, Blob)>,
 }
 
+/// What one revision did to one entry: its new blob and position, or
+/// `None` when it was deleted.
+pub type Effect = (EntryKey, Option<(Blob, i64)>);
+
+/// The state after a revision, computed from the state before it (with the
+/// entries' positions, in order) and the revision's effects. Returns the
+/// new state and its entries' positions.
+pub fn advance(
+    before: &StoredState,
+    positions: &[i64],
+    effects: &[Effect],
+    revision: u64,
+    state_type: Option<StateType>,
+) -> (StoredState, Vec<i64>) {
+    let mut by_key: HashMap<&EntryKey, (i64, &Blob)> =
+        before.entries.iter().zip(positions).map(|((key, blob), seq)| (key, (*seq, blob))).collect();
+    for (key, effect) in effects {
+        match effect {
+            Some((blob, seq)) => by_key.insert(key, (*seq, blob)),
+            None => by_key.remove(key),
+        };
+    }
+    let mut rows: Vec<(i64, &EntryKey, &Blob)> =
+        by_key.into_iter().map(|(key, (seq, blob))| (seq, key, blob)).collect();
+    rows.sort_unstable_by_key(|(seq, _, _)| *seq);
+    let positions = rows.iter().map(|(seq, _, _)| *seq).collect();
+    let entries = rows.into_iter().map(|(_, key, blob)| (key.clone(), blob.clone())).collect();
+    (StoredState { state_type, revision, entries }, positions)
+}
+
 /// Why a write was refused by the type rules (STATE-API.md §4.1).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -337,6 +367,33 @@ mod tests {
                 (key("moved"), true, true, Some(9)),
             ]
         );
+    }
+
+    #[test]
+    fn advancing_a_state_applies_sets_deletes_and_moves_in_position_order() {
+        let blob = Blob::from_json;
+        let before = StoredState {
+            state_type: Some(StateType::Stream),
+            revision: 4,
+            entries: vec![
+                (stream("a", None), blob("1")),
+                (stream("b", None), blob("2")),
+                (stream("c", None), blob("3")),
+            ],
+        };
+        let effects = vec![
+            (stream("a", None), None),
+            (stream("b", None), Some((blob("20"), 1))),
+            (stream("d", None), Some((blob("4"), 7))),
+            (stream("c", None), Some((blob("3"), 0))),
+        ];
+        let (after, positions) = advance(&before, &[0, 1, 5], &effects, 5, Some(StateType::Stream));
+        let names: Vec<String> = after.entries.iter().map(|(k, b)| format!("{k:?}={}", b.as_str())).collect();
+        assert_eq!(after.revision, 5);
+        assert_eq!(positions, [0, 1, 7]);
+        assert_eq!(names.len(), 3);
+        assert!(names[0].contains("\"c\"") && names[1].contains("\"b\"") && names[2].contains("\"d\""), "{names:?}");
+        assert_eq!(after.entries[1].1.as_str(), "20");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! transaction, so the type check and the write are atomic. It knows nothing
 //! of HTTP.
 
+pub mod cache;
 pub mod dump;
 pub mod postgres;
 pub mod sqlite;
@@ -27,16 +28,16 @@ use dump::ConnectionDump;
 pub trait Store: Send + Sync {
     /// The state of a connection now, or as it was at revision `at`. An
     /// unknown connection is empty at revision 0.
-    async fn read_at(&self, id: ConnectionId, at: Option<u64>) -> Result<StoredState, StoreError>;
+    async fn read_at(&self, id: ConnectionId, at: Option<u64>) -> Result<Arc<StoredState>, StoreError>;
 
     /// The current state of a connection.
-    async fn read(&self, id: ConnectionId) -> Result<StoredState, StoreError> {
+    async fn read(&self, id: ConnectionId) -> Result<Arc<StoredState>, StoreError> {
         self.read_at(id, None).await
     }
 
     /// A plain `create_or_update`: merges `write` without guards and returns
     /// the state after it.
-    async fn write(&self, id: ConnectionId, write: StateWrite) -> Result<StoredState, StoreError> {
+    async fn write(&self, id: ConnectionId, write: StateWrite) -> Result<Arc<StoredState>, StoreError> {
         let request = WriteRequest {
             operation: Operation::Merge(write),
             guard: Guard::default(),
@@ -93,7 +94,7 @@ pub struct Applied {
     /// Whether the write created that revision (false: it changed nothing).
     pub changed: bool,
     /// The whole state after the write, when asked for.
-    pub state: Option<StoredState>,
+    pub state: Option<Arc<StoredState>>,
 }
 
 /// What [`Store::load`] did.
@@ -203,6 +204,8 @@ pub struct OpenOptions {
     /// The longest one store operation may take before failing as
     /// unavailable (PostgreSQL).
     pub operation_timeout: Duration,
+    /// Memory for cached current states, in bytes.
+    pub state_cache_bytes: usize,
 }
 
 impl Default for OpenOptions {
@@ -212,6 +215,7 @@ impl Default for OpenOptions {
             pool_size: 16,
             connect_timeout: Duration::from_secs(3),
             operation_timeout: Duration::from_secs(30),
+            state_cache_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -221,8 +225,9 @@ pub async fn open(url: &DatabaseUrl, options: &OpenOptions) -> anyhow::Result<Ar
     match url {
         DatabaseUrl::Sqlite(path) => {
             let path = path.clone();
-            let migrate = options.migrate;
-            let store = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path, migrate)).await??;
+            let (migrate, cache_bytes) = (options.migrate, options.state_cache_bytes);
+            let store =
+                tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path, migrate, cache_bytes)).await??;
             Ok(Arc::new(store))
         }
         DatabaseUrl::Postgres(url) => {
@@ -231,6 +236,7 @@ pub async fn open(url: &DatabaseUrl, options: &OpenOptions) -> anyhow::Result<Ar
                 connect_timeout: options.connect_timeout,
                 migrate: options.migrate,
                 operation_timeout: options.operation_timeout,
+                state_cache_bytes: options.state_cache_bytes,
             };
             Ok(Arc::new(postgres::PostgresStore::open(url, &options).await?))
         }

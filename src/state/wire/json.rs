@@ -70,7 +70,7 @@ pub(super) fn array<'a>(raw: &'a RawValue, path: &str, errors: &mut Errors) -> O
         errors.push(path, Some(raw), "must be an array");
         return None;
     }
-    parse(raw.get()).ok()
+    parse(raw.get()).map_err(|e| errors.unreadable(path, &e)).ok()
 }
 
 pub(super) fn object<'a>(raw: &'a RawValue, path: &str, errors: &mut Errors) -> Option<Object<'a>> {
@@ -78,7 +78,7 @@ pub(super) fn object<'a>(raw: &'a RawValue, path: &str, errors: &mut Errors) -> 
         errors.push(path, Some(raw), "must be an object");
         return None;
     }
-    let members = parse(raw.get()).ok()?;
+    let members = parse(raw.get()).map_err(|e| errors.unreadable(path, &e)).ok()?;
     Some(Object::new(members, path, errors))
 }
 
@@ -143,7 +143,8 @@ impl<'de> Deserialize<'de> for Members<'de> {
 pub(super) struct Errors {
     found: Vec<FieldError>,
     limits: DecodeLimits,
-    /// A limit that was exceeded: reported instead of the field errors.
+    /// A limit that was exceeded, or unreadable JSON: reported instead of
+    /// the field errors.
     exceeded: Option<DecodeError>,
 }
 
@@ -163,6 +164,13 @@ impl Errors {
     /// How many problems are recorded.
     pub(super) fn len(&self) -> usize {
         self.found.len() + usize::from(self.exceeded.is_some())
+    }
+
+    /// Records JSON that the first pass accepted but that cannot be read
+    /// (a member name with a lone surrogate escape, say): a syntax error.
+    pub(super) fn unreadable(&mut self, path: &str, error: &serde_json::Error) {
+        let at = if path.is_empty() { String::new() } else { format!(" in {path}") };
+        self.exceeded.get_or_insert(DecodeError::Syntax(format!("{error}{at}")));
     }
 
     /// A blob, unless it is larger than the limit.

@@ -113,9 +113,11 @@ pub async fn load(
         tx.execute(&format!("DELETE FROM {table} WHERE connection_id = $1"), &[&id]).await.map_err(classify)?;
     }
     let state_type = dump.state_type.map(StateType::as_str);
+    // A new epoch: anything cached about the connection it replaces is stale.
+    let epoch = i64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap_or_default());
     tx.execute(
-        "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES ($1, $2, $3, $4)",
-        &[&id, &state_type, &(dump.revision as i64), &dump.next_seq],
+        "INSERT INTO connections (connection_id, state_type, revision, next_seq, epoch) VALUES ($1, $2, $3, $4, $5)",
+        &[&id, &state_type, &(dump.revision as i64), &dump.next_seq, &epoch],
     )
     .await
     .map_err(classify)?;

@@ -17,7 +17,7 @@ pub async fn history(
     before: Option<u64>,
 ) -> Result<History, StoreError> {
     let id_text = id.to_string();
-    let Some((_, current, _)) = header(client, id).await? else {
+    let Some(current) = header(client, id).await?.map(|h| h.revision) else {
         return Ok(History::default());
     };
     let oldest: Option<i64> = client
@@ -123,7 +123,7 @@ pub async fn prune(
     policy: Retention,
 ) -> Result<u64, StoreError> {
     let id_text = id.to_string();
-    let Some((_, current, _)) = header(tx, id).await? else {
+    let Some(current) = header(tx, id).await?.map(|h| h.revision) else {
         return Ok(0);
     };
     let first_recent: Option<i64> = match policy.keep_for {

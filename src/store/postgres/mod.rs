@@ -17,6 +17,7 @@ mod schema;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,6 +28,7 @@ use uuid::Uuid;
 
 pub use schema::SchemaError;
 
+use super::cache::StateCache;
 use super::dump::ConnectionDump;
 use super::{Applied, LoadOutcome, Store, StoreError};
 use crate::state::history::{History, Retention};
@@ -47,6 +49,8 @@ pub struct PostgresOptions {
     /// The longest one store operation may take before it fails as
     /// unavailable (a silent server must not hang requests).
     pub operation_timeout: Duration,
+    /// Memory for cached current states, in bytes.
+    pub state_cache_bytes: usize,
 }
 
 /// Why the PostgreSQL store cannot start.
@@ -67,6 +71,7 @@ pub struct PostgresStore {
     pool: Pool,
     writers: KeyedLock<ConnectionId>,
     operation_timeout: Duration,
+    cache: Arc<StateCache>,
 }
 
 impl PostgresStore {
@@ -89,7 +94,12 @@ impl PostgresStore {
         let mut client = pool.get().await.map_err(|e| OpenError::Connect(pool_error(e)))?;
         schema::prepare(&mut client, options.migrate).await?;
         drop(client);
-        Ok(Self { pool, writers: KeyedLock::default(), operation_timeout: options.operation_timeout })
+        Ok(Self {
+            pool,
+            writers: KeyedLock::default(),
+            operation_timeout: options.operation_timeout,
+            cache: Arc::new(StateCache::new(options.state_cache_bytes)),
+        })
     }
 
     /// Runs `work` on a pooled client within the operation timeout. A
@@ -180,17 +190,20 @@ impl PostgresStore {
 
 #[async_trait]
 impl Store for PostgresStore {
-    async fn read_at(&self, id: ConnectionId, at: Option<u64>) -> Result<StoredState, StoreError> {
+    async fn read_at(&self, id: ConnectionId, at: Option<u64>) -> Result<Arc<StoredState>, StoreError> {
         let Some(revision) = at else {
+            let cache = self.cache.clone();
             return self
-                .with_client(move |client| Box::pin(async move { queries::read_state(&*client, id).await }))
+                .with_client(move |client| {
+                    Box::pin(async move { Ok(queries::read_state(&*client, id, &cache).await?.state) })
+                })
                 .await;
         };
         self.snapshot(move |tx| {
             Box::pin(async move {
                 let (state_type, entries) = queries::state_at(tx, id, revision).await?;
                 let entries = entries.into_iter().map(|(key, _, blob)| (key, blob)).collect();
-                Ok(StoredState { state_type, revision, entries })
+                Ok(Arc::new(StoredState { state_type, revision, entries }))
             })
         })
         .await
@@ -199,7 +212,7 @@ impl Store for PostgresStore {
     async fn read_stream(&self, id: ConnectionId, stream: StreamDescriptor) -> Result<(u64, Option<Blob>), StoreError> {
         self.snapshot(move |tx| {
             Box::pin(async move {
-                let revision = queries::header(tx, id).await?.map_or(0, |(_, revision, _)| revision);
+                let revision = queries::header(tx, id).await?.map_or(0, |h| h.revision);
                 Ok((revision, queries::entry_blob(tx, id, &EntryKey::Stream(stream)).await?))
             })
         })
@@ -207,7 +220,14 @@ impl Store for PostgresStore {
     }
 
     async fn apply(&self, id: ConnectionId, request: WriteRequest) -> Result<Applied, StoreError> {
-        self.locked(id, move |tx| Box::pin(async move { queries::apply(tx, id, &request).await })).await
+        let cache = self.cache.clone();
+        let (applied, next) =
+            self.locked(id, move |tx| Box::pin(async move { queries::apply(tx, id, &request, &cache).await })).await?;
+        // `locked` returns after the commit, so the new state is committed.
+        if let Some((version, cached)) = next {
+            self.cache.put(id, version, cached);
+        }
+        Ok(applied)
     }
 
     async fn history(&self, id: ConnectionId, limit: usize, before: Option<u64>) -> Result<History, StoreError> {
@@ -276,7 +296,10 @@ impl Store for PostgresStore {
 
     async fn load(&self, record: ConnectionDump, overwrite: bool) -> Result<LoadOutcome, StoreError> {
         let id = record.id;
-        self.locked(id, move |tx| Box::pin(async move { dump::load(tx, &record, overwrite).await })).await
+        let outcome =
+            self.locked(id, move |tx| Box::pin(async move { dump::load(tx, &record, overwrite).await })).await;
+        self.cache.forget(id);
+        outcome
     }
 }
 

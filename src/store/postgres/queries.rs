@@ -4,16 +4,18 @@
 //! (revisions, lease expiry) is the database's clock, shared by all nodes.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use deadpool_postgres::GenericClient;
 
 use super::classify;
 use crate::state::ops::{check_guard, plan, Context, Lease, Needs, PastState, Refusal, WriteRequest};
-use crate::state::{changes, Blob, ConnectionId, EntryKey, StateType, StoredState};
+use crate::state::{advance, changes, Blob, ConnectionId, EntryKey, StateType, StoredState};
+use crate::store::cache::{Cached, StateCache, Version};
 use crate::store::{Applied, StoreError};
 
 /// One statement, one snapshot: the header and every entry in order.
-const READ_STATE: &str = "SELECT c.state_type, c.revision, e.entry_key, ch.blob \
+const READ_STATE: &str = "SELECT c.state_type, c.revision, c.epoch, e.entry_key, ch.blob, e.seq \
      FROM connections c \
      LEFT JOIN entries e ON e.connection_id = c.connection_id \
      LEFT JOIN changes ch ON ch.connection_id = e.connection_id \
@@ -25,43 +27,85 @@ const NOW_AND_LEASE: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 100
      l.holder, l.token, l.expires_at_ms \
      FROM (SELECT 1) one LEFT JOIN leases l ON l.connection_id = $1";
 
-/// Reads the whole current state of a connection.
-pub async fn read_state(client: &impl GenericClient, id: ConnectionId) -> Result<StoredState, StoreError> {
-    let id_text = id.to_string();
+/// A connection's row.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Header {
+    pub state_type: Option<StateType>,
+    pub revision: u64,
+    /// The next entry's position.
+    pub next_seq: i64,
+    pub epoch: i64,
+}
+
+impl Header {
+    pub fn version(&self) -> Version {
+        Version { revision: self.revision, epoch: self.epoch }
+    }
+}
+
+/// Reads the whole current state of a connection: when the cache may hold
+/// it, a look at the header first; otherwise one statement for everything.
+pub async fn read_state(
+    client: &impl GenericClient,
+    id: ConnectionId,
+    cache: &StateCache,
+) -> Result<Cached, StoreError> {
+    if cache.holds(id) {
+        let header = header(client, id).await?.unwrap_or_default();
+        if let Some(cached) = cache.get(id, header.version()) {
+            return Ok(cached);
+        }
+    }
     let statement = client.prepare_cached(READ_STATE).await.map_err(classify)?;
-    let rows = client.query(&statement, &[&id_text]).await.map_err(classify)?;
+    let rows = client.query(&statement, &[&id.to_string()]).await.map_err(classify)?;
     let Some(first) = rows.first() else {
-        return Ok(StoredState::default());
+        return Ok(Cached { state: Arc::default(), positions: Arc::default() });
     };
-    let state_type = parse_type(first.get(0), id)?;
-    let revision: i64 = first.get(1);
+    let header = Header {
+        state_type: parse_type(first.get(0), id)?,
+        revision: first.get::<_, i64>(1) as u64,
+        next_seq: 0,
+        epoch: first.get(2),
+    };
     let mut entries = Vec::with_capacity(rows.len());
+    let mut positions = Vec::with_capacity(rows.len());
     for row in &rows {
-        let (Some(key), Some(blob)) = (row.get::<_, Option<String>>(2), row.get::<_, Option<String>>(3)) else {
+        let (Some(key), Some(blob), Some(seq)) =
+            (row.get::<_, Option<String>>(3), row.get::<_, Option<String>>(4), row.get::<_, Option<i64>>(5))
+        else {
             continue;
         };
         entries.push((decode_key(&key, id)?, Blob::from_stored(blob)));
+        positions.push(seq);
     }
-    Ok(StoredState { state_type, revision: revision as u64, entries })
+    let state = StoredState { state_type: header.state_type, revision: header.revision, entries };
+    let cached = Cached { state: Arc::new(state), positions: Arc::new(positions) };
+    cache.put(id, header.version(), cached.clone());
+    Ok(cached)
 }
 
-/// The type, revision and next position of a connection, if ever written.
-pub async fn header(
-    client: &impl GenericClient,
-    id: ConnectionId,
-) -> Result<Option<(Option<StateType>, u64, i64)>, StoreError> {
+/// The connection's row, if it was ever written.
+pub async fn header(client: &impl GenericClient, id: ConnectionId) -> Result<Option<Header>, StoreError> {
     let statement = client
-        .prepare_cached("SELECT state_type, revision, next_seq FROM connections WHERE connection_id = $1")
+        .prepare_cached("SELECT state_type, revision, next_seq, epoch FROM connections WHERE connection_id = $1")
         .await
         .map_err(classify)?;
     let row = client.query_opt(&statement, &[&id.to_string()]).await.map_err(classify)?;
-    row.map(|row| Ok((parse_type(row.get(0), id)?, row.get::<_, i64>(1) as u64, row.get::<_, i64>(2)))).transpose()
+    row.map(|row| {
+        Ok(Header {
+            state_type: parse_type(row.get(0), id)?,
+            revision: row.get::<_, i64>(1) as u64,
+            next_seq: row.get(2),
+            epoch: row.get(3),
+        })
+    })
+    .transpose()
 }
 
 /// The state as it was at `revision`, with each entry's position.
 pub async fn state_at(client: &impl GenericClient, id: ConnectionId, revision: u64) -> Result<PastState, StoreError> {
     let id_text = id.to_string();
-    let current = header(client, id).await?.map_or(0, |(_, r, _)| r);
+    let current = header(client, id).await?.map_or(0, |h| h.revision);
     if revision > current {
         return Err(Refusal::RevisionNotFound { revision, current }.into());
     }
@@ -101,14 +145,17 @@ pub async fn state_at(client: &impl GenericClient, id: ConnectionId, revision: u
 }
 
 /// Applies a write inside the caller's transaction, which already holds the
-/// connection's advisory lock.
+/// connection's advisory lock. Returns what to tell the caller and, when
+/// the new state is known, what to cache once the transaction commits.
 pub async fn apply(
     tx: &deadpool_postgres::Transaction<'_>,
     id: ConnectionId,
     request: &WriteRequest,
-) -> Result<Applied, StoreError> {
+    cache: &StateCache,
+) -> Result<(Applied, Option<(Version, Cached)>), StoreError> {
     let id_text = id.to_string();
-    let (stored_type, revision, mut next_seq) = header(tx, id).await?.unwrap_or((None, 0, 0));
+    let before = header(tx, id).await?.unwrap_or_default();
+    let (stored_type, revision, mut next_seq) = (before.state_type, before.revision, before.next_seq);
     let (now_ms, lease) = now_and_lease(tx, id).await?;
     check_guard(&request.guard, revision, lease.as_ref().filter(|l| l.is_live(now_ms)))?;
     let context = match request.operation.needs() {
@@ -138,25 +185,29 @@ pub async fn apply(
         .collect();
     let changed = changes(&plan.ops, &plan.pinned_seqs, &stored);
     if changed.is_empty() {
-        let state = if request.return_state { Some(read_state(tx, id).await?) } else { None };
-        return Ok(Applied { revision, changed: false, state });
+        let state = if request.return_state { Some(read_state(tx, id, cache).await?.state) } else { None };
+        return Ok((Applied { revision, changed: false, state }, None));
     }
 
     let revision = (revision + 1) as i64;
     let mut seqs: Vec<Option<i64>> = Vec::with_capacity(changed.len());
+    let mut effects = Vec::with_capacity(changed.len());
     let (mut added, mut added_seqs, mut updated, mut updated_seqs, mut deleted) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for change in &changed {
-        if change.blob.is_none() {
+        let key = decode_key(&change.key, id)?;
+        let Some(blob) = change.blob else {
             seqs.push(None);
+            effects.push((key, None));
             deleted.push(change.key.as_str());
             continue;
-        }
+        };
         let seq = change.seq.unwrap_or_else(|| {
             next_seq += 1;
             next_seq - 1
         });
         seqs.push(Some(seq));
+        effects.push((key, Some((blob.clone(), seq))));
         if change.existed {
             updated.push(change.key.as_str());
             updated_seqs.push(seq);
@@ -192,7 +243,8 @@ pub async fn apply(
     let remaining =
         tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM entries WHERE connection_id = $1)").await.map_err(classify)?;
     let remaining: bool = tx.query_one(&remaining, &[&id_text]).await.map_err(classify)?.get(0);
-    let new_type = plan.state_type.filter(|_| remaining).map(StateType::as_str);
+    let state_type = plan.state_type.filter(|_| remaining);
+    let new_type = state_type.map(StateType::as_str);
     exec(
         tx,
         "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES ($1, $2, $3, $4) \
@@ -207,8 +259,32 @@ pub async fn apply(
         &[&id_text, &revision, &now_ms, &new_type, &request.meta.actor, &request.meta.reason],
     )
     .await?;
-    let state = if request.return_state { Some(read_state(tx, id).await?) } else { None };
-    Ok(Applied { revision: revision as u64, changed: true, state })
+    let after = Header { state_type, revision: revision as u64, next_seq, epoch: before.epoch };
+    let next = match cache.get(id, before.version()) {
+        Some(base) => {
+            let (state, positions) = advance(&base.state, &base.positions, &effects, after.revision, state_type);
+            Some(Cached { state: Arc::new(state), positions: Arc::new(positions) })
+        }
+        None if request.return_state => {
+            // Read inside the transaction: the state this write made.
+            let rows = tx.query(READ_STATE, &[&id_text]).await.map_err(classify)?;
+            let mut entries = Vec::with_capacity(rows.len());
+            let mut positions = Vec::with_capacity(rows.len());
+            for row in &rows {
+                if let (Some(key), Some(blob), Some(seq)) =
+                    (row.get::<_, Option<String>>(3), row.get::<_, Option<String>>(4), row.get::<_, Option<i64>>(5))
+                {
+                    entries.push((decode_key(&key, id)?, Blob::from_stored(blob)));
+                    positions.push(seq);
+                }
+            }
+            let state = StoredState { state_type, revision: after.revision, entries };
+            Some(Cached { state: Arc::new(state), positions: Arc::new(positions) })
+        }
+        None => None,
+    };
+    let state = if request.return_state { next.as_ref().map(|c| c.state.clone()) } else { None };
+    Ok((Applied { revision: after.revision, changed: true, state }, next.map(|cached| (after.version(), cached))))
 }
 
 /// The database's clock and the connection's lease row (live or not).

@@ -1,6 +1,7 @@
 //! Whole-record reads and writes for export and import.
 
 use rusqlite::{params, Connection, OptionalExtension};
+use uuid::Uuid;
 
 use super::classify;
 use crate::state::{Blob, ConnectionId, StateType};
@@ -101,9 +102,11 @@ pub fn load(conn: &Connection, dump: &ConnectionDump, overwrite: bool) -> Result
         conn.execute(&format!("DELETE FROM {table} WHERE connection_id = ?1"), [&id]).map_err(classify)?;
     }
     let state_type = dump.state_type.map(StateType::as_str);
+    // A new epoch: anything cached about the connection it replaces is stale.
+    let epoch = i64::from_le_bytes(Uuid::new_v4().as_bytes()[..8].try_into().unwrap_or_default());
     conn.execute(
-        "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES (?1, ?2, ?3, ?4)",
-        params![id, state_type, dump.revision as i64, dump.next_seq],
+        "INSERT INTO connections (connection_id, state_type, revision, next_seq, epoch) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, state_type, dump.revision as i64, dump.next_seq, epoch],
     )
     .map_err(classify)?;
     let mut revision_row = conn

@@ -12,7 +12,7 @@ use crate::store::StoreError;
 /// A page of history, newest first, of revisions before `before`.
 pub fn history(conn: &Connection, id: ConnectionId, limit: usize, before: Option<u64>) -> Result<History, StoreError> {
     let id_text = id.to_string();
-    let Some((_, current, _)) = header(conn, &id_text)? else {
+    let Some(current) = header(conn, &id_text)?.map(|h| h.revision) else {
         return Ok(History::default());
     };
     let oldest: Option<i64> = conn
@@ -118,7 +118,7 @@ pub fn leases(
 /// revision can still be read and restored. Returns revisions removed.
 pub fn prune(conn: &Connection, id: ConnectionId, policy: Retention, now_ms: i64) -> Result<u64, StoreError> {
     let id_text = id.to_string();
-    let Some((_, current, _)) = header(conn, &id_text)? else {
+    let Some(current) = header(conn, &id_text)?.map(|h| h.revision) else {
         return Ok(0);
     };
     let first_recent: Option<i64> = match policy.keep_for {

@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 pub use schema::OpenError;
 
+use super::cache::StateCache;
 use super::dump::ConnectionDump;
 use super::{Applied, LoadOutcome, Store, StoreError};
 use crate::state::history::{History, Retention};
@@ -55,6 +56,7 @@ pub struct SqliteStore {
     path: PathBuf,
     writes: mpsc::Sender<WriteJob>,
     writer: Option<thread::JoinHandle<()>>,
+    cache: Arc<StateCache>,
     readers: Arc<Mutex<Vec<Connection>>>,
     read_permits: Semaphore,
 }
@@ -62,7 +64,7 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens the file, creating and migrating it when needed, and starts the
     /// writer thread. Blocks; call it off the async runtime.
-    pub fn open(path: &Path, migrate: bool) -> Result<Self, OpenError> {
+    pub fn open(path: &Path, migrate: bool, cache_bytes: usize) -> Result<Self, OpenError> {
         let writer = schema::open_writer(path, migrate)?;
         let readers = (0..READERS)
             .map(|_| schema::open_reader(path))
@@ -77,6 +79,7 @@ impl SqliteStore {
             path: path.to_owned(),
             writes,
             writer: Some(writer),
+            cache: Arc::new(StateCache::new(cache_bytes)),
             readers: Arc::new(Mutex::new(readers)),
             read_permits: Semaphore::new(READERS),
         })
@@ -135,13 +138,14 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn read_at(&self, id: ConnectionId, at: Option<u64>) -> Result<StoredState, StoreError> {
+    async fn read_at(&self, id: ConnectionId, at: Option<u64>) -> Result<Arc<StoredState>, StoreError> {
+        let cache = self.cache.clone();
         self.with_reader(move |conn| match at {
-            None => queries::read_state(conn, id),
+            None => Ok(queries::read_state(conn, id, &cache)?.state),
             Some(revision) => {
                 let (state_type, entries) = queries::state_at(conn, id, revision)?;
                 let entries = entries.into_iter().map(|(key, _, blob)| (key, blob)).collect();
-                Ok(StoredState { state_type, revision, entries })
+                Ok(Arc::new(StoredState { state_type, revision, entries }))
             }
         })
         .await
@@ -149,14 +153,20 @@ impl Store for SqliteStore {
 
     async fn read_stream(&self, id: ConnectionId, stream: StreamDescriptor) -> Result<(u64, Option<Blob>), StoreError> {
         self.with_reader(move |conn| {
-            let revision = queries::header(conn, &id.to_string())?.map_or(0, |(_, revision, _)| revision);
+            let revision = queries::header(conn, &id.to_string())?.map_or(0, |h| h.revision);
             Ok((revision, queries::entry_blob(conn, id, &EntryKey::Stream(stream))?))
         })
         .await
     }
 
     async fn apply(&self, id: ConnectionId, request: WriteRequest) -> Result<Applied, StoreError> {
-        self.submit(move |conn| queries::apply(conn, id, &request, now_ms())).await
+        let cache = self.cache.clone();
+        let (applied, next) = self.submit(move |conn| queries::apply(conn, id, &request, now_ms(), &cache)).await?;
+        // Answered only after the commit, so the new state is committed.
+        if let Some((version, cached)) = next {
+            self.cache.put(id, version, cached);
+        }
+        Ok(applied)
     }
 
     async fn history(&self, id: ConnectionId, limit: usize, before: Option<u64>) -> Result<History, StoreError> {
@@ -209,7 +219,10 @@ impl Store for SqliteStore {
     }
 
     async fn load(&self, record: ConnectionDump, overwrite: bool) -> Result<LoadOutcome, StoreError> {
-        self.submit(move |conn| dump::load(conn, &record, overwrite)).await
+        let id = record.id;
+        let outcome = self.submit(move |conn| dump::load(conn, &record, overwrite)).await;
+        self.cache.forget(id);
+        outcome
     }
 }
 

@@ -2,44 +2,72 @@
 //! runs inside a transaction (or savepoint) its caller holds.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::classify;
 use crate::state::ops::{check_guard, plan, Context, Lease, Needs, PastState, Refusal, WriteRequest};
-use crate::state::{changes, Blob, Change, ConnectionId, EntryKey, EntryOp, StateType, StoredState};
+use crate::state::{advance, changes, Blob, Change, ConnectionId, EntryKey, EntryOp, StateType, StoredState};
+use crate::store::cache::{Cached, StateCache, Version};
 use crate::store::{Applied, StoreError};
 
-/// A connection's row: type, revision, next entry position.
-pub type Header = (Option<StateType>, u64, i64);
+/// A connection's row.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Header {
+    pub state_type: Option<StateType>,
+    pub revision: u64,
+    /// The next entry's position.
+    pub next_seq: i64,
+    pub epoch: i64,
+}
 
-/// Reads the whole current state of a connection.
-pub fn read_state(conn: &Connection, id: ConnectionId) -> Result<StoredState, StoreError> {
-    let id_text = id.to_string();
-    let Some((state_type, revision, _)) = header(conn, &id_text)? else {
-        return Ok(StoredState::default());
-    };
+impl Header {
+    pub fn version(&self) -> Version {
+        Version { revision: self.revision, epoch: self.epoch }
+    }
+}
+
+/// Reads the whole current state of a connection, from the cache when it
+/// holds the current version.
+pub fn read_state(conn: &Connection, id: ConnectionId, cache: &StateCache) -> Result<Cached, StoreError> {
+    let header = header(conn, &id.to_string())?.unwrap_or_default();
+    if let Some(cached) = cache.get(id, header.version()) {
+        return Ok(cached);
+    }
+    let cached = read_rows(conn, id, header)?;
+    cache.put(id, header.version(), cached.clone());
+    Ok(cached)
+}
+
+/// Reads the entries of a connection whose header was just read.
+fn read_rows(conn: &Connection, id: ConnectionId, header: Header) -> Result<Cached, StoreError> {
     let mut stmt = conn
         .prepare_cached(
-            "SELECT e.entry_key, c.blob FROM entries e \
+            "SELECT e.entry_key, c.blob, e.seq FROM entries e \
              JOIN changes c ON c.connection_id = e.connection_id \
               AND c.revision = e.revision AND c.entry_key = e.entry_key \
              WHERE e.connection_id = ?1 ORDER BY e.seq",
         )
         .map_err(classify)?;
-    let rows = stmt.query_map([&id_text], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)));
+    let rows = stmt.query_map([id.to_string()], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, i64>(2)?))
+    });
     let mut entries = Vec::new();
+    let mut positions = Vec::new();
     for row in rows.map_err(classify)? {
-        let (key, blob) = row.map_err(classify)?;
+        let (key, blob, seq) = row.map_err(classify)?;
         entries.push((decode_key(&key, id)?, Blob::from_stored(blob)));
+        positions.push(seq);
     }
-    Ok(StoredState { state_type, revision, entries })
+    let state = StoredState { state_type: header.state_type, revision: header.revision, entries };
+    Ok(Cached { state: Arc::new(state), positions: Arc::new(positions) })
 }
 
 /// Reads the state as it was at `revision`, with each entry's position.
 pub fn state_at(conn: &Connection, id: ConnectionId, revision: u64) -> Result<PastState, StoreError> {
     let id_text = id.to_string();
-    let current = header(conn, &id_text)?.map_or(0, |(_, r, _)| r);
+    let current = header(conn, &id_text)?.map_or(0, |h| h.revision);
     if revision > current {
         return Err(Refusal::RevisionNotFound { revision, current }.into());
     }
@@ -80,32 +108,45 @@ pub fn state_at(conn: &Connection, id: ConnectionId, revision: u64) -> Result<Pa
 
 /// Applies a write: guard, plan, then each entry change that really
 /// changes something, all recorded under the connection's next revision.
-pub fn apply(conn: &Connection, id: ConnectionId, request: &WriteRequest, now_ms: i64) -> Result<Applied, StoreError> {
+/// Returns what to tell the caller and, when the new state is known, what
+/// to cache once the write has committed.
+pub fn apply(
+    conn: &Connection,
+    id: ConnectionId,
+    request: &WriteRequest,
+    now_ms: i64,
+    cache: &StateCache,
+) -> Result<(Applied, Option<(Version, Cached)>), StoreError> {
     let id_text = id.to_string();
-    let (stored_type, revision, mut next_seq) = header(conn, &id_text)?.unwrap_or((None, 0, 0));
+    let before = header(conn, &id_text)?.unwrap_or_default();
     let lease = live_lease(conn, &id_text, now_ms)?;
-    check_guard(&request.guard, revision, lease.as_ref())?;
+    check_guard(&request.guard, before.revision, lease.as_ref())?;
     let context = match request.operation.needs() {
         Needs::Nothing => Context::default(),
         Needs::CurrentKeys => Context { current_keys: current_keys(conn, id)?, target: None },
         Needs::Revision(at) => Context { target: Some(state_at(conn, id, at)?), current_keys: current_keys(conn, id)? },
     };
-    let plan = plan(&request.operation, stored_type, &context)?;
+    let plan = plan(&request.operation, before.state_type, &context)?;
     let stored = stored_entries(conn, &id_text, &plan.ops)?;
     let changed = changes(&plan.ops, &plan.pinned_seqs, &stored);
     if changed.is_empty() {
-        let state = request.return_state.then(|| read_state(conn, id)).transpose()?;
-        return Ok(Applied { revision, changed: false, state });
+        let state = if request.return_state { Some(read_state(conn, id, cache)?.state) } else { None };
+        return Ok((Applied { revision: before.revision, changed: false, state }, None));
     }
-    let revision = revision + 1;
+    let revision = before.revision + 1;
+    let mut next_seq = before.next_seq;
+    let mut effects = Vec::with_capacity(changed.len());
     for change in &changed {
-        record_change(conn, &id_text, revision, change, &mut next_seq)?;
+        let seq = record_change(conn, &id_text, revision, change, &mut next_seq)?;
+        let key = decode_key(&change.key, id)?;
+        effects.push((key, change.blob.cloned().zip(seq)));
     }
     let remaining: bool = conn
         .prepare_cached("SELECT EXISTS (SELECT 1 FROM entries WHERE connection_id = ?1)")
         .and_then(|mut s| s.query_row([&id_text], |r| r.get(0)))
         .map_err(classify)?;
-    let new_type = plan.state_type.filter(|_| remaining).map(StateType::as_str);
+    let state_type = plan.state_type.filter(|_| remaining);
+    let new_type = state_type.map(StateType::as_str);
     exec(
         conn,
         "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES (?1, ?2, ?3, ?4) \
@@ -118,8 +159,17 @@ pub fn apply(conn: &Connection, id: ConnectionId, request: &WriteRequest, now_ms
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![id_text, revision as i64, now_ms, new_type, request.meta.actor, request.meta.reason],
     )?;
-    let state = request.return_state.then(|| read_state(conn, id)).transpose()?;
-    Ok(Applied { revision, changed: true, state })
+    let after = Header { state_type, revision, next_seq, epoch: before.epoch };
+    let next = match cache.get(id, before.version()) {
+        Some(base) => {
+            let (state, positions) = advance(&base.state, &base.positions, &effects, revision, state_type);
+            Some(Cached { state: Arc::new(state), positions: Arc::new(positions) })
+        }
+        None if request.return_state => Some(read_rows(conn, id, after)?),
+        None => None,
+    };
+    let state = if request.return_state { next.as_ref().map(|c| c.state.clone()) } else { None };
+    Ok((Applied { revision, changed: true, state }, next.map(|cached| (after.version(), cached))))
 }
 
 /// The stored blob and position of each key the ops touch.
@@ -149,7 +199,7 @@ fn record_change(
     revision: u64,
     change: &Change<'_>,
     next_seq: &mut i64,
-) -> Result<(), StoreError> {
+) -> Result<Option<i64>, StoreError> {
     let (key, revision) = (change.key.as_str(), revision as i64);
     let Some(blob) = change.blob else {
         exec(
@@ -157,7 +207,8 @@ fn record_change(
             "INSERT INTO changes (connection_id, revision, entry_key, blob, seq) VALUES (?1, ?2, ?3, NULL, NULL)",
             params![id, revision, key],
         )?;
-        return exec(conn, "DELETE FROM entries WHERE connection_id = ?1 AND entry_key = ?2", params![id, key]);
+        exec(conn, "DELETE FROM entries WHERE connection_id = ?1 AND entry_key = ?2", params![id, key])?;
+        return Ok(None);
     };
     let seq = change.seq.unwrap_or_else(|| {
         *next_seq += 1;
@@ -173,7 +224,8 @@ fn record_change(
     } else {
         "INSERT INTO entries (connection_id, entry_key, revision, seq) VALUES (?1, ?2, ?3, ?4)"
     };
-    exec(conn, sql, params![id, key, revision, seq])
+    exec(conn, sql, params![id, key, revision, seq])?;
+    Ok(Some(seq))
 }
 
 /// The keys of the current entries, in order.
@@ -211,17 +263,21 @@ pub fn lease_row(conn: &Connection, id: &str) -> Result<Option<Lease>, StoreErro
         .map_err(classify)
 }
 
-/// The stored type, revision and next position, or `None` for a
-/// connection never written.
+/// The connection's row, or `None` for a connection never written.
 pub fn header(conn: &Connection, id: &str) -> Result<Option<Header>, StoreError> {
     let row = conn
-        .prepare_cached("SELECT state_type, revision, next_seq FROM connections WHERE connection_id = ?1")
+        .prepare_cached("SELECT state_type, revision, next_seq, epoch FROM connections WHERE connection_id = ?1")
         .and_then(|mut s| {
-            s.query_row([id], |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
-                .optional()
+            s.query_row([id], |r| {
+                Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?))
+            })
+            .optional()
         })
         .map_err(classify)?;
-    row.map(|(state_type, revision, next_seq)| Ok((parse_type(state_type, id)?, revision as u64, next_seq))).transpose()
+    row.map(|(state_type, revision, next_seq, epoch)| {
+        Ok(Header { state_type: parse_type(state_type, id)?, revision: revision as u64, next_seq, epoch })
+    })
+    .transpose()
 }
 
 pub fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<(), StoreError> {
