@@ -43,6 +43,8 @@ pub async fn create_or_update_safe(
 
 async fn merge(app: AppState, caller: Caller, body: axum::body::Bytes, safe: bool) -> Result<Response, ApiError> {
     let request = highwater::decode_write(&body, app.limits.decode)?;
+    // The blobs are copied out; a large body need not stay in memory too.
+    drop(body);
     let id = request.id;
     let write = write_request(Operation::Merge(request.body), request.fields, &caller, safe, true)?;
     let applied = app.store.apply(id, write).await?;

@@ -14,6 +14,10 @@ impl Blob {
     /// Takes JSON text that has already been checked to be one valid value
     /// and removes the whitespace outside its strings.
     pub fn from_json(text: &str) -> Self {
+        // The common case, compact text, is copied once.
+        if !text.bytes().any(is_json_whitespace) {
+            return Self(Arc::from(text));
+        }
         Self(minify(text).into())
     }
 
@@ -61,9 +65,6 @@ fn is_json_whitespace(b: u8) -> bool {
 /// Removes JSON whitespace outside strings from valid JSON text.
 fn minify(text: &str) -> String {
     let bytes = text.as_bytes();
-    if !bytes.iter().copied().any(is_json_whitespace) {
-        return text.to_owned();
-    }
     let mut out = Vec::with_capacity(bytes.len());
     let mut in_string = false;
     let mut escaped = false;
