@@ -12,6 +12,7 @@ mod history;
 mod lease;
 mod log;
 mod meta;
+mod render_cache;
 mod respond;
 mod state;
 mod stream;
@@ -39,13 +40,16 @@ pub struct AppState {
     pub authenticator: Option<Arc<Authenticator>>,
     /// Places for requests being served at once (see `Limits`).
     pub in_flight: Arc<Semaphore>,
+    /// Rendered bodies of large states.
+    pub rendered: Arc<render_cache::RenderCache>,
 }
 
 impl AppState {
     /// Shared state for serving `store` under `limits`.
     pub fn new(store: Arc<dyn Store>, limits: Limits, authenticator: Option<Arc<Authenticator>>) -> Self {
         let in_flight = Arc::new(Semaphore::new(limits.max_concurrent_requests));
-        Self { store, limits, authenticator, in_flight }
+        let rendered = Arc::new(render_cache::RenderCache::new(32 * 1024 * 1024));
+        Self { store, limits, authenticator, in_flight, rendered }
     }
 }
 

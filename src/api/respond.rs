@@ -1,6 +1,7 @@
 //! What the handlers share: JSON responses with an `ETag`, and turning a
 //! write's body fields and headers into its guard and history metadata.
 
+use axum::body::Bytes;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue};
@@ -18,12 +19,12 @@ pub const LEASE_TOKEN_HEADER: &str = "highwater-lease-token";
 pub const ACTOR_HEADER: &str = "highwater-actor";
 
 /// A 200 JSON response.
-pub fn json(body: Vec<u8>) -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+pub fn json(body: impl Into<Bytes>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body.into()).into_response()
 }
 
 /// A 200 JSON response describing the state at `revision`.
-pub fn json_at(body: Vec<u8>, revision: u64) -> Response {
+pub fn json_at(body: impl Into<Bytes>, revision: u64) -> Response {
     let mut response = json(body);
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{revision}\"")) {
         response.headers_mut().insert(header::ETAG, etag);

@@ -17,7 +17,7 @@ use crate::state::wire::{self, highwater};
 pub async fn get(State(app): State<AppState>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
     let request = highwater::decode_get(&body, app.limits.decode)?;
     let state = app.store.read_at(request.id, request.body).await?;
-    Ok(json_at(wire::render_state(request.id, &state), state.revision))
+    Ok(json_at(app.rendered.render(request.id, &state), state.revision))
 }
 
 /// `POST /v1/state/create_or_update`: merge a write into the state. A live
@@ -49,7 +49,7 @@ async fn merge(app: AppState, caller: Caller, body: axum::body::Bytes, safe: boo
     let write = write_request(Operation::Merge(request.body), request.fields, &caller, safe, true)?;
     let applied = app.store.apply(id, write).await?;
     let state = applied.state.unwrap_or_default();
-    Ok(json_at(wire::render_state(id, &state), applied.revision))
+    Ok(json_at(app.rendered.render(id, &state), applied.revision))
 }
 
 /// `POST /v1/web_backend/state/get_type`: the type as a bare JSON string.
