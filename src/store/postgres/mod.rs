@@ -326,8 +326,14 @@ fn classify(error: tokio_postgres::Error) -> StoreError {
         return StoreError::Unavailable(error.to_string());
     };
     let code = db.code();
+    // tokio-postgres shows a server error only as "db error"; the log needs
+    // the server's own words.
+    let text = match db.detail() {
+        Some(detail) => format!("PostgreSQL {}: {} ({detail})", code.code(), db.message()),
+        None => format!("PostgreSQL {}: {}", code.code(), db.message()),
+    };
     if *code == SqlState::DISK_FULL || *code == SqlState::OUT_OF_MEMORY {
-        return StoreError::Full(error.to_string());
+        return StoreError::Full(text);
     }
     let transient = code.code().starts_with("08") // connection exceptions
         || code.code().starts_with("57P") // operator intervention: shutdown, cannot connect now
@@ -337,8 +343,8 @@ fn classify(error: tokio_postgres::Error) -> StoreError {
         || *code == SqlState::READ_ONLY_SQL_TRANSACTION
         || *code == SqlState::LOCK_NOT_AVAILABLE;
     if transient {
-        StoreError::Unavailable(error.to_string())
+        StoreError::Unavailable(text)
     } else {
-        StoreError::Internal(error.to_string())
+        StoreError::Internal(text)
     }
 }

@@ -22,6 +22,34 @@ const READ_STATE: &str = "SELECT c.state_type, c.revision, c.epoch, e.entry_key,
        AND ch.revision = e.revision AND ch.entry_key = e.entry_key \
      WHERE c.connection_id = $1 ORDER BY e.seq";
 
+/// The connection's row, the database clock in Unix milliseconds and the
+/// connection's lease row, in one round trip.
+const HEADER_NOW_AND_LEASE: &str = "SELECT c.state_type, c.revision, c.next_seq, c.epoch, \
+     (extract(epoch FROM clock_timestamp()) * 1000)::bigint, l.holder, l.token, l.expires_at_ms \
+     FROM (SELECT 1) one \
+     LEFT JOIN connections c ON c.connection_id = $1 \
+     LEFT JOIN leases l ON l.connection_id = $1";
+
+const RECORD_CHANGES: &str = "INSERT INTO changes (connection_id, revision, entry_key, blob, seq) \
+     SELECT $1, $2, k, b, s FROM unnest($3::text[], $4::text[], $5::int8[]) AS t(k, b, s)";
+const DELETE_ENTRIES: &str = "DELETE FROM entries WHERE connection_id = $1 AND entry_key = ANY($2)";
+const UPDATE_ENTRIES: &str = "UPDATE entries e SET revision = $2, seq = u.s \
+     FROM unnest($3::text[], $4::int8[]) AS u(k, s) WHERE e.connection_id = $1 AND e.entry_key = u.k";
+const ADD_ENTRIES: &str = "INSERT INTO entries (connection_id, entry_key, seq, revision) \
+     SELECT $1, k, s, $2 FROM unnest($3::text[], $4::int8[]) AS t(k, s)";
+/// The connection row and the revision row, the type set only if an entry
+/// remains (the statement sees the entry changes sent before it).
+const FINISH_REVISION: &str = "WITH remaining AS ( \
+       SELECT EXISTS (SELECT 1 FROM entries WHERE connection_id = $1) AS present), \
+     header AS ( \
+       INSERT INTO connections (connection_id, state_type, revision, next_seq) \
+       SELECT $1, CASE WHEN present THEN $4 END, $2, $3 FROM remaining \
+       ON CONFLICT (connection_id) DO UPDATE SET state_type = excluded.state_type, \
+         revision = excluded.revision, next_seq = excluded.next_seq \
+       RETURNING state_type) \
+     INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
+     SELECT $1, $2, $5, state_type, $6, $7 FROM header RETURNING state_type";
+
 /// The database clock in Unix milliseconds, and the connection's lease row.
 const NOW_AND_LEASE: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint, \
      l.holder, l.token, l.expires_at_ms \
@@ -154,9 +182,23 @@ pub async fn apply(
     cache: &StateCache,
 ) -> Result<(Applied, Option<(Version, Cached)>), StoreError> {
     let id_text = id.to_string();
-    let before = header(tx, id).await?.unwrap_or_default();
+    let statement = tx.prepare_cached(HEADER_NOW_AND_LEASE).await.map_err(classify)?;
+    let row = tx.query_one(&statement, &[&id_text]).await.map_err(classify)?;
+    let before = match row.get::<_, Option<i64>>(1) {
+        None => Header::default(),
+        Some(revision) => Header {
+            state_type: parse_type(row.get(0), id)?,
+            revision: revision as u64,
+            next_seq: row.get(2),
+            epoch: row.get(3),
+        },
+    };
+    let now_ms: i64 = row.get(4);
+    let lease = match (row.get::<_, Option<String>>(5), row.get::<_, Option<String>>(6), row.get(7)) {
+        (Some(holder), Some(token), Some(expires_at_ms)) => Some(Lease { holder, token, expires_at_ms }),
+        _ => None,
+    };
     let (stored_type, revision, mut next_seq) = (before.state_type, before.revision, before.next_seq);
-    let (now_ms, lease) = now_and_lease(tx, id).await?;
     check_guard(&request.guard, revision, lease.as_ref().filter(|l| l.is_live(now_ms)))?;
     let context = match request.operation.needs() {
         Needs::Nothing => Context::default(),
@@ -218,47 +260,40 @@ pub async fn apply(
     }
     let changed_keys: Vec<&str> = changed.iter().map(|c| c.key.as_str()).collect();
     let blobs: Vec<Option<&str>> = changed.iter().map(|c| c.blob.map(Blob::as_str)).collect();
-    exec(
-        tx,
-        "INSERT INTO changes (connection_id, revision, entry_key, blob, seq) \
-         SELECT $1, $2, k, b, s FROM unnest($3::text[], $4::text[], $5::int8[]) AS t(k, b, s)",
-        &[&id_text, &revision, &changed_keys, &blobs, &seqs],
+    let state_type = plan.state_type.map(StateType::as_str);
+    // Prepared first (cached per connection), then sent together: one round
+    // trip, and the server runs them in the order sent. Deletes come before
+    // inserts: a restore may give a kept entry the place of one it removes.
+    let record = prepare(tx, RECORD_CHANGES).await?;
+    let delete = prepare(tx, DELETE_ENTRIES).await?;
+    let update = prepare(tx, UPDATE_ENTRIES).await?;
+    let add = prepare(tx, ADD_ENTRIES).await?;
+    let finish = prepare(tx, FINISH_REVISION).await?;
+    let skip = || async { Ok::<u64, tokio_postgres::Error>(0) };
+    let record_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+        [&id_text, &revision, &changed_keys, &blobs, &seqs];
+    let finish_params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] =
+        [&id_text, &revision, &next_seq, &state_type, &now_ms, &request.meta.actor, &request.meta.reason];
+    let (_, _, _, _, row) = tokio::try_join!(
+        biased;
+        tx.execute(&record, &record_params),
+        async {
+            if deleted.is_empty() { skip().await } else { tx.execute(&delete, &[&id_text, &deleted]).await }
+        },
+        async {
+            if updated.is_empty() {
+                skip().await
+            } else {
+                tx.execute(&update, &[&id_text, &revision, &updated, &updated_seqs]).await
+            }
+        },
+        async {
+            if added.is_empty() { skip().await } else { tx.execute(&add, &[&id_text, &revision, &added, &added_seqs]).await }
+        },
+        tx.query_one(&finish, &finish_params),
     )
-    .await?;
-    // Deletes first: a restore may give a kept entry the place of one it removes.
-    if !deleted.is_empty() {
-        let sql = "DELETE FROM entries WHERE connection_id = $1 AND entry_key = ANY($2)";
-        exec(tx, sql, &[&id_text, &deleted]).await?;
-    }
-    if !updated.is_empty() {
-        let sql = "UPDATE entries e SET revision = $2, seq = u.s FROM unnest($3::text[], $4::int8[]) AS u(k, s) \
-                   WHERE e.connection_id = $1 AND e.entry_key = u.k";
-        exec(tx, sql, &[&id_text, &revision, &updated, &updated_seqs]).await?;
-    }
-    if !added.is_empty() {
-        let sql = "INSERT INTO entries (connection_id, entry_key, seq, revision) \
-                   SELECT $1, k, s, $2 FROM unnest($3::text[], $4::int8[]) AS t(k, s)";
-        exec(tx, sql, &[&id_text, &revision, &added, &added_seqs]).await?;
-    }
-    let remaining =
-        tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM entries WHERE connection_id = $1)").await.map_err(classify)?;
-    let remaining: bool = tx.query_one(&remaining, &[&id_text]).await.map_err(classify)?.get(0);
-    let state_type = plan.state_type.filter(|_| remaining);
-    let new_type = state_type.map(StateType::as_str);
-    exec(
-        tx,
-        "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (connection_id) DO UPDATE SET state_type = $2, revision = $3, next_seq = $4",
-        &[&id_text, &new_type, &revision, &next_seq],
-    )
-    .await?;
-    exec(
-        tx,
-        "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-        &[&id_text, &revision, &now_ms, &new_type, &request.meta.actor, &request.meta.reason],
-    )
-    .await?;
+    .map_err(classify)?;
+    let state_type = parse_type(row.get(0), id)?;
     let after = Header { state_type, revision: revision as u64, next_seq, epoch: before.epoch };
     let next = match cache.get(id, before.version()) {
         Some(base) => {
@@ -323,6 +358,10 @@ pub async fn entry_blob(
         .map_err(classify)?;
     let row = client.query_opt(&statement, &[&id.to_string(), &key.encode()]).await.map_err(classify)?;
     Ok(row.map(|row| Blob::from_stored(row.get(0))))
+}
+
+async fn prepare(client: &impl GenericClient, sql: &str) -> Result<tokio_postgres::Statement, StoreError> {
+    client.prepare_cached(sql).await.map_err(classify)
 }
 
 pub async fn exec(
