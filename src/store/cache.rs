@@ -11,13 +11,30 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use crate::state::{ConnectionId, StoredState};
+use crate::state::{ConnectionId, StateType, StoredState};
 
 /// Which committed state an entry holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Version {
     pub revision: u64,
     pub epoch: i64,
+}
+
+/// A connection's row, as both backends read it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Header {
+    pub state_type: Option<StateType>,
+    pub revision: u64,
+    /// The next entry's position.
+    pub next_seq: i64,
+    pub epoch: i64,
+}
+
+impl Header {
+    /// The version a cached state must have to be this connection's.
+    pub fn version(&self) -> Version {
+        Version { revision: self.revision, epoch: self.epoch }
+    }
 }
 
 /// A cached state with its entries' positions.

@@ -63,9 +63,27 @@ pub trait Store: Send + Sync {
     /// Live leases, of one connection or of all.
     async fn leases(&self, id: Option<ConnectionId>) -> Result<Vec<(ConnectionId, Lease)>, StoreError>;
 
+    /// Removes one connection's history that the policy no longer keeps,
+    /// briefly (or not at all, when the connection is busy). Returns the
+    /// revisions removed.
+    async fn prune_connection(&self, id: ConnectionId, policy: Retention) -> Result<u64, StoreError>;
+
     /// Removes history the policy no longer keeps, a connection at a time,
     /// never holding up writers for long. Returns the revisions removed.
-    async fn prune(&self, policy: Retention) -> Result<u64, StoreError>;
+    async fn prune(&self, policy: Retention) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        let mut after = None;
+        loop {
+            let ids = self.list_connections(after, 500).await?;
+            let Some(last) = ids.last().copied() else {
+                return Ok(removed);
+            };
+            for id in ids {
+                removed += self.prune_connection(id, policy).await?;
+            }
+            after = Some(last);
+        }
+    }
 
     /// Checks that the storage answers.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -243,36 +243,22 @@ impl Store for PostgresStore {
         self.with_client(move |client| Box::pin(async move { history::leases(&*client, id).await })).await
     }
 
-    async fn prune(&self, policy: Retention) -> Result<u64, StoreError> {
-        let mut removed = 0;
-        let mut after = None;
-        loop {
-            let ids = self.list_connections(after, 500).await?;
-            let Some(last) = ids.last().copied() else {
-                return Ok(removed);
-            };
-            for id in ids {
-                // Skip a connection being written now rather than wait for it.
-                removed += self
-                    .with_client(move |client| {
-                        Box::pin(async move {
-                            let tx = client.transaction().await.map_err(classify)?;
-                            let row = tx
-                                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&lock_key(id)])
-                                .await
-                                .map_err(classify)?;
-                            if !row.get::<_, bool>(0) {
-                                return Ok(0);
-                            }
-                            let removed = history::prune(&tx, id, policy).await?;
-                            tx.commit().await.map_err(classify)?;
-                            Ok(removed)
-                        })
-                    })
-                    .await?;
-            }
-            after = Some(last);
-        }
+    async fn prune_connection(&self, id: ConnectionId, policy: Retention) -> Result<u64, StoreError> {
+        // Skip a connection being written now rather than wait for it.
+        self.with_client(move |client| {
+            Box::pin(async move {
+                let tx = client.transaction().await.map_err(classify)?;
+                let row =
+                    tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&lock_key(id)]).await.map_err(classify)?;
+                if !row.get::<_, bool>(0) {
+                    return Ok(0);
+                }
+                let removed = history::prune(&tx, id, policy).await?;
+                tx.commit().await.map_err(classify)?;
+                Ok(removed)
+            })
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -11,7 +11,7 @@ use deadpool_postgres::GenericClient;
 use super::classify;
 use crate::state::ops::{check_guard, plan, Context, Lease, Needs, PastState, Refusal, WriteRequest};
 use crate::state::{advance, changes, Blob, ConnectionId, EntryKey, StateType, StoredState};
-use crate::store::cache::{Cached, StateCache, Version};
+use crate::store::cache::{Cached, Header, StateCache, Version};
 use crate::store::{Applied, StoreError};
 
 /// One statement, one snapshot: the header and every entry in order.
@@ -54,22 +54,6 @@ const FINISH_REVISION: &str = "WITH remaining AS ( \
 const NOW_AND_LEASE: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint, \
      l.holder, l.token, l.expires_at_ms \
      FROM (SELECT 1) one LEFT JOIN leases l ON l.connection_id = $1";
-
-/// A connection's row.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Header {
-    pub state_type: Option<StateType>,
-    pub revision: u64,
-    /// The next entry's position.
-    pub next_seq: i64,
-    pub epoch: i64,
-}
-
-impl Header {
-    pub fn version(&self) -> Version {
-        Version { revision: self.revision, epoch: self.epoch }
-    }
-}
 
 /// Reads the whole current state of a connection: when the cache may hold
 /// it, a look at the header first; otherwise one statement for everything.

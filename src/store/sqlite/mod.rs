@@ -182,20 +182,9 @@ impl Store for SqliteStore {
         self.with_reader(move |conn| history::leases(conn, id, now_ms())).await
     }
 
-    async fn prune(&self, policy: Retention) -> Result<u64, StoreError> {
-        let mut removed = 0;
-        let mut after = None;
-        loop {
-            let ids = self.list_connections(after, 500).await?;
-            let Some(last) = ids.last().copied() else {
-                return Ok(removed);
-            };
-            // One short job per connection, so writers queue behind at most one.
-            for id in ids {
-                removed += self.submit(move |conn| history::prune(conn, id, policy, now_ms())).await?;
-            }
-            after = Some(last);
-        }
+    async fn prune_connection(&self, id: ConnectionId, policy: Retention) -> Result<u64, StoreError> {
+        // One short writer job per connection: writers queue behind at most one.
+        self.submit(move |conn| history::prune(conn, id, policy, now_ms())).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -9,24 +9,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::classify;
 use crate::state::ops::{check_guard, plan, Context, Lease, Needs, PastState, Refusal, WriteRequest};
 use crate::state::{advance, changes, Blob, Change, ConnectionId, EntryKey, EntryOp, StateType, StoredState};
-use crate::store::cache::{Cached, StateCache, Version};
+use crate::store::cache::{Cached, Header, StateCache, Version};
 use crate::store::{Applied, StoreError};
-
-/// A connection's row.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Header {
-    pub state_type: Option<StateType>,
-    pub revision: u64,
-    /// The next entry's position.
-    pub next_seq: i64,
-    pub epoch: i64,
-}
-
-impl Header {
-    pub fn version(&self) -> Version {
-        Version { revision: self.revision, epoch: self.epoch }
-    }
-}
 
 /// Reads the whole current state of a connection, from the cache when it
 /// holds the current version.
