@@ -1,0 +1,81 @@
+//! The HTTP floor of the benchmark suite (`bench/run`): the least an axum
+//! server can do to answer `state/get`. It parses the same request body
+//! (`{"connectionId": ...}`) with serde_json and answers a fixed 10-stream
+//! `ConnectionState` (STATE-API.md §2) kept in memory, with no store, no
+//! middleware and no logging. Highwater's `get` is measured against it.
+//!
+//! ```text
+//! cargo run --release --example http_floor -- 127.0.0.1:18081 [CONNECTION_ID]
+//! ```
+//!
+//! The state is byte for byte what Highwater answers for the 10-stream
+//! connection `bench/run` seeds (same connection id, names and blobs), so
+//! both send responses of the same size. `GET /api/v1/health` answers
+//! `{"available":true}`, for readiness polling.
+
+use std::net::SocketAddr;
+
+use axum::body::Bytes;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+
+/// The connection `bench/run` seeds with 10 streams.
+const DEFAULT_CONNECTION: &str = "00000000-0000-4000-8000-000000000010";
+
+/// How many streams the fixed state carries.
+const STREAMS: usize = 10;
+
+/// The request body of `state/get`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ConnectionIdRequestBody {
+    connection_id: uuid::Uuid,
+}
+
+/// The state the floor serves; `bench/run` writes the same one to Highwater
+/// (see `ten_stream_write` there).
+fn fixed_state(connection_id: &str) -> String {
+    let streams: Vec<String> = (0..STREAMS)
+        .map(|i| {
+            format!(
+                r#"{{"streamDescriptor":{{"name":"stream_{i:02}","namespace":"public"}},"streamState":{{"cursor":"2024-06-01T00:00:00Z","offset":{}}}}}"#,
+                1_000_000 + i
+            )
+        })
+        .collect();
+    format!(r#"{{"stateType":"stream","connectionId":"{connection_id}","streamState":[{}]}}"#, streams.join(","))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let listen: SocketAddr = args.next().unwrap_or_else(|| "127.0.0.1:18081".to_owned()).parse()?;
+    let connection = args.next().unwrap_or_else(|| DEFAULT_CONNECTION.to_owned());
+    let body = Bytes::from(fixed_state(&connection));
+
+    let state_get = move |request: Bytes| {
+        let body = body.clone();
+        async move {
+            match serde_json::from_slice::<ConnectionIdRequestBody>(&request) {
+                Ok(parsed) => {
+                    std::hint::black_box(parsed.connection_id);
+                    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+                }
+                Err(error) => (StatusCode::BAD_REQUEST, error.to_string()).into_response(),
+            }
+        }
+    };
+    let health = || async { ([(header::CONTENT_TYPE, "application/json")], r#"{"available":true}"#) };
+    let app: Router =
+        Router::new().route("/api/v1/state/get", post(state_get)).route("/api/v1/health", get(health)).fallback(
+            || async { Response::builder().status(StatusCode::NOT_FOUND).body(axum::body::Body::empty()).unwrap() },
+        );
+
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    eprintln!("http_floor listening on {listen}");
+    axum::serve(listener, app).await?;
+    Ok(())
+}
