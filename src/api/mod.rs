@@ -5,12 +5,11 @@
 //! Every route is served under both `/api/v1/…` and `/v1/…` (STATE-API.md §1).
 
 mod auth;
+mod edge;
 pub mod error;
 mod extract;
-mod guard;
 mod history;
 mod lease;
-mod log;
 mod meta;
 mod render_cache;
 mod respond;
@@ -31,9 +30,13 @@ use crate::state::wire::DecodeLimits;
 use crate::store::Store;
 use error::ApiError;
 
-/// What every handler shares.
+/// What every handler shares. Cloned for every request by each layer, so
+/// it is one reference count.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+/// The contents of [`AppState`].
+pub struct Shared {
     pub store: Arc<dyn Store>,
     pub limits: Limits,
     /// Credentials to check; `None` when authentication is off.
@@ -41,15 +44,23 @@ pub struct AppState {
     /// Places for requests being served at once (see `Limits`).
     pub in_flight: Arc<Semaphore>,
     /// Rendered bodies of large states.
-    pub rendered: Arc<render_cache::RenderCache>,
+    pub rendered: render_cache::RenderCache,
 }
 
 impl AppState {
     /// Shared state for serving `store` under `limits`.
     pub fn new(store: Arc<dyn Store>, limits: Limits, authenticator: Option<Arc<Authenticator>>) -> Self {
         let in_flight = Arc::new(Semaphore::new(limits.max_concurrent_requests));
-        let rendered = Arc::new(render_cache::RenderCache::new(32 * 1024 * 1024));
-        Self { store, limits, authenticator, in_flight, rendered }
+        let rendered = render_cache::RenderCache::new(32 * 1024 * 1024);
+        Self(Arc::new(Shared { store, limits, authenticator, in_flight, rendered }))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
     }
 }
 
@@ -122,9 +133,9 @@ pub fn routes() -> Vec<Route> {
 pub fn router(app: AppState) -> Router {
     let max_body = app.limits.max_body_bytes;
     let v1 = routes().into_iter().fold(Router::new(), |router, route| {
-        let handler = match route.role {
-            None => route.handler,
-            Some(needs) => {
+        let handler = match (route.role, &app.authenticator) {
+            (None, _) | (_, None) => route.handler,
+            (Some(needs), Some(_)) => {
                 let gate = auth::Gate { authenticator: app.authenticator.clone(), needs };
                 route.handler.layer(axum::middleware::from_fn_with_state(gate, auth::require))
             }
@@ -137,8 +148,7 @@ pub fn router(app: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(axum::middleware::from_fn_with_state(app.clone(), guard::limit))
-        .layer(axum::middleware::from_fn(log::log_request))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), edge::edge))
         .with_state(app)
 }
 
