@@ -11,7 +11,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use crate::state::{ConnectionId, StateType, StoredState};
+use crate::state::{advance, ConnectionId, Effect, StateType, StoredState};
 
 /// Which committed state an entry holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,9 +50,23 @@ pub struct StateCache {
     inner: Mutex<Inner>,
 }
 
+/// What a committed write does to the cache.
+pub enum Update {
+    /// The new state is known: keep it.
+    Put(Version, Cached),
+    /// Only the effects are known (the writer did not need the whole
+    /// state): apply them when the state is next read, so a burst of
+    /// one-stream writes to a large state costs one rebuild, not one each.
+    Defer { from: Version, to: Version, effects: Vec<Effect>, state_type: Option<StateType> },
+}
+
+/// Effects waiting to be applied to a cached state, and the type after them.
+type Pending = (Vec<Effect>, Option<StateType>);
+
 #[derive(Default)]
 struct Inner {
     entries: HashMap<ConnectionId, (Version, Cached, usize)>,
+    pending: HashMap<ConnectionId, Pending>,
     /// Insertion order, oldest first; stale ids are skipped on eviction.
     order: VecDeque<(ConnectionId, Version)>,
     bytes: usize,
@@ -64,10 +78,43 @@ impl StateCache {
         Self { budget, inner: Mutex::default() }
     }
 
-    /// The cached state of `id` if it is at `version`.
+    /// The cached state of `id` if it is at `version`, with any deferred
+    /// effects applied first.
     pub fn get(&self, id: ConnectionId, version: Version) -> Option<Cached> {
-        let inner = self.inner.lock().ok()?;
-        inner.entries.get(&id).filter(|(v, _, _)| *v == version).map(|(_, cached, _)| cached.clone())
+        let mut inner = self.inner.lock().ok()?;
+        let (at, cached, _) = inner.entries.get(&id)?;
+        if *at != version {
+            return None;
+        }
+        let cached = cached.clone();
+        let Some((effects, state_type)) = inner.pending.remove(&id) else {
+            return Some(cached);
+        };
+        let (state, positions) = advance(&cached.state, &cached.positions, &effects, version.revision, state_type);
+        let rebuilt = Cached { state: Arc::new(state), positions: Arc::new(positions) };
+        if let Some(slot) = inner.entries.get_mut(&id) {
+            slot.1 = rebuilt.clone();
+        }
+        Some(rebuilt)
+    }
+
+    /// Applies what a committed write did.
+    pub fn update(&self, id: ConnectionId, update: Update) {
+        match update {
+            Update::Put(version, cached) => self.put(id, version, cached),
+            Update::Defer { from, to, effects, state_type } => {
+                let Ok(mut inner) = self.inner.lock() else {
+                    return;
+                };
+                let Some(slot) = inner.entries.get_mut(&id).filter(|(v, _, _)| *v == from) else {
+                    return;
+                };
+                slot.0 = to;
+                let pending = inner.pending.entry(id).or_insert_with(|| (Vec::new(), state_type));
+                pending.0.extend(effects);
+                pending.1 = state_type;
+            }
+        }
     }
 
     /// Whether anything is cached for `id`, at whatever version.
@@ -87,6 +134,7 @@ impl StateCache {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
+        inner.pending.remove(&id);
         if let Some((_, _, old)) = inner.entries.insert(id, (version, cached, size)) {
             inner.bytes -= old;
         }
@@ -100,6 +148,7 @@ impl StateCache {
                 if let Some((_, _, size)) = inner.entries.remove(&oldest) {
                     inner.bytes -= size;
                 }
+                inner.pending.remove(&oldest);
             }
         }
         // Keep the order queue from growing without bound under rewrites.
@@ -115,6 +164,7 @@ impl StateCache {
             if let Some((_, _, size)) = inner.entries.remove(&id) {
                 inner.bytes -= size;
             }
+            inner.pending.remove(&id);
         }
     }
 }
@@ -169,6 +219,25 @@ mod tests {
         assert!(cache.get(ids[0], V1).is_none());
         assert!(cache.get(ids[9], V1).is_some());
         assert!(cache.inner.lock().unwrap().bytes <= 4000);
+    }
+
+    #[test]
+    fn deferred_effects_are_applied_at_the_next_read_of_the_new_version() {
+        let cache = StateCache::new(1 << 20);
+        let id = ConnectionId::random();
+        cache.put(id, V1, state(10));
+        let v2 = Version { revision: 2, epoch: 0 };
+        let effects = vec![(EntryKey::Shared, Some((Blob::from_json("7"), 5)))];
+        cache.update(id, Update::Defer { from: V1, to: v2, effects, state_type: Some(StateType::Global) });
+        assert!(cache.get(id, V1).is_none());
+        let read = cache.get(id, v2).unwrap();
+        assert_eq!(read.state.revision, 2);
+        assert_eq!(read.state.entries.len(), 2);
+        assert_eq!(*read.positions, [0, 5]);
+        // A deferral from a version the cache does not hold is ignored.
+        let v9 = Version { revision: 9, epoch: 0 };
+        cache.update(id, Update::Defer { from: V1, to: v9, effects: Vec::new(), state_type: None });
+        assert!(cache.get(id, v9).is_none());
     }
 
     #[test]

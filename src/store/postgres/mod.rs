@@ -224,8 +224,8 @@ impl Store for PostgresStore {
         let (applied, next) =
             self.locked(id, move |tx| Box::pin(async move { queries::apply(tx, id, &request, &cache).await })).await?;
         // `locked` returns after the commit, so the new state is committed.
-        if let Some((version, cached)) = next {
-            self.cache.put(id, version, cached);
+        if let Some(update) = next {
+            self.cache.update(id, update);
         }
         Ok(applied)
     }

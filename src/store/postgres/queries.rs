@@ -11,7 +11,7 @@ use deadpool_postgres::GenericClient;
 use super::classify;
 use crate::state::ops::{check_guard, plan, Context, Lease, Needs, PastState, Refusal, WriteRequest};
 use crate::state::{advance, changes, Blob, ConnectionId, EntryKey, StateType, StoredState};
-use crate::store::cache::{Cached, Header, StateCache, Version};
+use crate::store::cache::{Cached, Header, StateCache, Update};
 use crate::store::{Applied, StoreError};
 
 /// One statement, one snapshot: the header and every entry in order.
@@ -164,7 +164,7 @@ pub async fn apply(
     id: ConnectionId,
     request: &WriteRequest,
     cache: &StateCache,
-) -> Result<(Applied, Option<(Version, Cached)>), StoreError> {
+) -> Result<(Applied, Option<Update>), StoreError> {
     let id_text = id.to_string();
     let statement = tx.prepare_cached(HEADER_NOW_AND_LEASE).await.map_err(classify)?;
     let row = tx.query_one(&statement, &[&id_text]).await.map_err(classify)?;
@@ -279,31 +279,34 @@ pub async fn apply(
     .map_err(classify)?;
     let state_type = parse_type(row.get(0), id)?;
     let after = Header { state_type, revision: revision as u64, next_seq, epoch: before.epoch };
-    let next = match cache.get(id, before.version()) {
-        Some(base) => {
-            let (state, positions) = advance(&base.state, &base.positions, &effects, after.revision, state_type);
-            Some(Cached { state: Arc::new(state), positions: Arc::new(positions) })
-        }
-        None if request.return_state => {
-            // Read inside the transaction: the state this write made.
-            let rows = tx.query(READ_STATE, &[&id_text]).await.map_err(classify)?;
-            let mut entries = Vec::with_capacity(rows.len());
-            let mut positions = Vec::with_capacity(rows.len());
-            for row in &rows {
-                if let (Some(key), Some(blob), Some(seq)) =
-                    (row.get::<_, Option<String>>(3), row.get::<_, Option<String>>(4), row.get::<_, Option<i64>>(5))
-                {
-                    entries.push((decode_key(&key, id)?, Blob::from_stored(blob)));
-                    positions.push(seq);
-                }
+    let (state, update) = if request.return_state {
+        let next = match cache.get(id, before.version()) {
+            Some(base) => {
+                let (state, positions) = advance(&base.state, &base.positions, &effects, after.revision, state_type);
+                Cached { state: Arc::new(state), positions: Arc::new(positions) }
             }
-            let state = StoredState { state_type, revision: after.revision, entries };
-            Some(Cached { state: Arc::new(state), positions: Arc::new(positions) })
-        }
-        None => None,
+            None => {
+                // Read inside the transaction: the state this write made.
+                let rows = tx.query(READ_STATE, &[&id_text]).await.map_err(classify)?;
+                let mut entries = Vec::with_capacity(rows.len());
+                let mut positions = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    if let (Some(key), Some(blob), Some(seq)) =
+                        (row.get::<_, Option<String>>(3), row.get::<_, Option<String>>(4), row.get::<_, Option<i64>>(5))
+                    {
+                        entries.push((decode_key(&key, id)?, Blob::from_stored(blob)));
+                        positions.push(seq);
+                    }
+                }
+                let state = StoredState { state_type, revision: after.revision, entries };
+                Cached { state: Arc::new(state), positions: Arc::new(positions) }
+            }
+        };
+        (Some(next.state.clone()), Update::Put(after.version(), next))
+    } else {
+        (None, Update::Defer { from: before.version(), to: after.version(), effects, state_type })
     };
-    let state = if request.return_state { next.as_ref().map(|c| c.state.clone()) } else { None };
-    Ok((Applied { revision: after.revision, changed: true, state }, next.map(|cached| (after.version(), cached))))
+    Ok((Applied { revision: after.revision, changed: true, state }, Some(update)))
 }
 
 /// The database's clock and the connection's lease row (live or not).

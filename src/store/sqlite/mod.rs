@@ -189,8 +189,8 @@ impl Store for SqliteStore {
         let cache = self.cache.clone();
         let (applied, next) = self.submit(move |conn| queries::apply(conn, id, &request, now_ms(), &cache)).await?;
         // Answered only after the commit, so the new state is committed.
-        if let Some((version, cached)) = next {
-            self.cache.put(id, version, cached);
+        if let Some(update) = next {
+            self.cache.update(id, update);
         }
         Ok(applied)
     }

@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::classify;
 use crate::state::ops::{check_guard, plan, Context, Lease, Needs, PastState, Refusal, WriteRequest};
 use crate::state::{advance, changes, Blob, Change, ConnectionId, EntryKey, EntryOp, StateType, StoredState};
-use crate::store::cache::{Cached, Header, StateCache, Version};
+use crate::store::cache::{Cached, Header, StateCache, Update};
 use crate::store::{Applied, StoreError};
 
 /// Reads the whole current state of a connection, from the cache when it
@@ -100,7 +100,7 @@ pub fn apply(
     request: &WriteRequest,
     now_ms: i64,
     cache: &StateCache,
-) -> Result<(Applied, Option<(Version, Cached)>), StoreError> {
+) -> Result<(Applied, Option<Update>), StoreError> {
     let id_text = id.to_string();
     let before = header(conn, &id_text)?.unwrap_or_default();
     let lease = live_lease(conn, &id_text, now_ms)?;
@@ -144,16 +144,19 @@ pub fn apply(
         params![id_text, revision as i64, now_ms, new_type, request.meta.actor, request.meta.reason],
     )?;
     let after = Header { state_type, revision, next_seq, epoch: before.epoch };
-    let next = match cache.get(id, before.version()) {
-        Some(base) => {
-            let (state, positions) = advance(&base.state, &base.positions, &effects, revision, state_type);
-            Some(Cached { state: Arc::new(state), positions: Arc::new(positions) })
-        }
-        None if request.return_state => Some(read_rows(conn, id, after)?),
-        None => None,
+    let (state, update) = if request.return_state {
+        let next = match cache.get(id, before.version()) {
+            Some(base) => {
+                let (state, positions) = advance(&base.state, &base.positions, &effects, revision, state_type);
+                Cached { state: Arc::new(state), positions: Arc::new(positions) }
+            }
+            None => read_rows(conn, id, after)?,
+        };
+        (Some(next.state.clone()), Update::Put(after.version(), next))
+    } else {
+        (None, Update::Defer { from: before.version(), to: after.version(), effects, state_type })
     };
-    let state = if request.return_state { next.as_ref().map(|c| c.state.clone()) } else { None };
-    Ok((Applied { revision, changed: true, state }, next.map(|cached| (after.version(), cached))))
+    Ok((Applied { revision, changed: true, state }, Some(update)))
 }
 
 /// The stored blob and position of each key the ops touch.
