@@ -30,15 +30,13 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, RwLock};
-use std::thread::{self, JoinHandle};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use highwater::store::DatabaseUrl;
 use serde_json::{json, Value};
+use support::server::{Notable, Server};
 
 const WRITERS: usize = 4;
 const CONNECTIONS_PER_WRITER: usize = 2;
@@ -49,139 +47,31 @@ const UPTIME_MS: (u64, u64) = (20, 150);
 /// hang into an unacknowledged write; long, so that a slow write is not
 /// abandoned while it may still land after the writer's next one.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Pause before re-sending a write the server could not be reached for, so
 /// a writer does not spin while the server is down.
 const ERROR_BACKOFF: Duration = Duration::from_millis(5);
-/// Log lines kept to explain a server that fails to start.
-const TAIL_LINES: usize = 50;
 /// `state/history` page size (the most the server allows).
 const HISTORY_PAGE: u64 = 1000;
 /// Kept below the default so that the old server's `PostgreSQL` sessions,
 /// which end only as their sockets close, leave room for the new server's.
 const POOL_SIZE: &str = "8";
 
-/// Server log lines worth reporting: warnings, errors, anything not JSON
-/// (a panic message).
-type Notable = Arc<Mutex<Vec<String>>>;
-
-/// One running `highwater serve`.
-struct Server {
-    child: Child,
-    base: String,
-    drain: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    /// Starts the server on `db_url` and waits for its listening line.
-    fn start(db_url: &str, notable: &Notable) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_highwater"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--database-url",
-                db_url,
-                "--database-pool-size",
-                POOL_SIZE,
-                // The history check needs every revision: no pruning.
-                "--history-keep-revisions",
-                "0",
-                "--history-keep-days",
-                "0",
-                "--log-format",
-                "json",
-                "--log-level",
-                "info",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn highwater");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (address_tx, address_rx) = mpsc::channel::<String>();
-        let tail = Arc::new(Mutex::new(Vec::<String>::new()));
-        let drain = {
-            let tail = Arc::clone(&tail);
-            let notable = Arc::clone(notable);
-            thread::spawn(move || drain_stderr(stderr, &address_tx, &tail, &notable))
-        };
-        match address_rx.recv_timeout(STARTUP_TIMEOUT) {
-            Ok(address) => Server { child, base: format!("http://{address}"), drain: Some(drain) },
-            Err(error) => {
-                let _ = child.kill();
-                let status = child.wait();
-                let _ = drain.join();
-                let tail = tail.lock().expect("tail lock").join("\n");
-                panic!(
-                    "highwater did not report its address ({error}); exit: {status:?}; \
-                     its last log lines:\n{tail}"
-                );
-            }
-        }
-    }
-
-    /// SIGKILL (on unix, `Child::kill` sends SIGKILL), reap, and wait for
-    /// the log reader to see the end of the pipe.
-    fn kill(mut self) {
-        self.child.kill().expect("kill highwater");
-        self.child.wait().expect("wait for highwater");
-        if let Some(drain) = self.drain.take() {
-            drain.join().expect("stderr reader thread");
-        }
-    }
-}
-
-/// A failing test must not leave a server running.
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Reads the server's stderr to the end: sends the address from the
-/// listening line, keeps a tail for diagnostics and collects notable lines.
-fn drain_stderr(
-    stderr: std::process::ChildStderr,
-    address_tx: &mpsc::Sender<String>,
-    tail: &Mutex<Vec<String>>,
-    notable: &Mutex<Vec<String>>,
-) {
-    let mut reader = BufReader::new(stderr);
-    let mut buf = Vec::new();
-    let mut announced = false;
-    loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
-        {
-            let mut tail = tail.lock().expect("tail lock");
-            if tail.len() == TAIL_LINES {
-                tail.remove(0);
-            }
-            tail.push(line.clone());
-        }
-        let Ok(event) = serde_json::from_str::<Value>(&line) else {
-            if !line.is_empty() {
-                notable.lock().expect("notable lock").push(line);
-            }
-            continue;
-        };
-        if matches!(event["level"].as_str(), Some("WARN" | "ERROR")) {
-            notable.lock().expect("notable lock").push(line.clone());
-        }
-        if !announced && event["message"] == "highwater listening" {
-            if let Some(address) = event["address"].as_str() {
-                announced = true;
-                let _ = address_tx.send(address.to_owned());
-            }
-        }
-    }
+/// Starts a server on `db_url`.
+fn start_server(db_url: &str, notable: &Notable) -> Server {
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        db_url,
+        "--database-pool-size",
+        POOL_SIZE,
+        // The history check needs every revision: no pruning.
+        "--history-keep-revisions",
+        "0",
+        "--history-keep-days",
+        "0",
+    ];
+    Server::start_noting(&args, notable)
 }
 
 /// A tiny xorshift64 generator; the seed comes from the clock (or
@@ -1037,7 +927,7 @@ async fn acknowledged_writes_survive_repeated_sigkill() {
     let backend = support::backend();
     let database = support::TestDatabase::new().await;
     let db_url = database.url_text();
-    let notable: Notable = Arc::default();
+    let notable = Notable::default();
 
     let seed = match std::env::var("HIGHWATER_CRASH_SEED") {
         Ok(text) => {
@@ -1049,11 +939,11 @@ async fn acknowledged_writes_survive_repeated_sigkill() {
     let mut rng = XorShift::new(seed);
 
     let server = {
-        let (db_url, notable) = (db_url.clone(), Arc::clone(&notable));
-        tokio::task::spawn_blocking(move || Server::start(&db_url, &notable)).await.expect("start the first server")
+        let (db_url, notable) = (db_url.clone(), notable.clone());
+        tokio::task::spawn_blocking(move || start_server(&db_url, &notable)).await.expect("start the first server")
     };
     let shared = Arc::new(Shared {
-        base: RwLock::new(server.base.clone()),
+        base: RwLock::new(server.base_url().to_owned()),
         stop: AtomicBool::new(false),
         acked: AtomicU64::new(0),
         statuses: Mutex::default(),
@@ -1083,18 +973,18 @@ async fn acknowledged_writes_survive_repeated_sigkill() {
     for _ in 0..CYCLES {
         tokio::time::sleep(Duration::from_millis(rng.between(UPTIME_MS.0, UPTIME_MS.1))).await;
         let running = server.take().expect("a running server");
-        let (db_url, notable) = (db_url.clone(), Arc::clone(&notable));
+        let (db_url, notable) = (db_url.clone(), notable.clone());
         let down = Instant::now();
         let restarted = tokio::task::spawn_blocking(move || {
             running.kill();
-            Server::start(&db_url, &notable)
+            start_server(&db_url, &notable)
         })
         .await
         .expect("kill and restart the server");
         let acked_now = shared.acked.load(Ordering::SeqCst);
         acked_per_cycle.push(acked_now - acked_before);
         acked_before = acked_now;
-        *shared.base.write().expect("base lock") = restarted.base.clone();
+        *shared.base.write().expect("base lock") = restarted.base_url().to_owned();
         downtime = downtime.max(down.elapsed());
         total_downtime += down.elapsed();
         server = Some(restarted);
@@ -1115,8 +1005,8 @@ async fn acknowledged_writes_survive_repeated_sigkill() {
     let mut landed_unacked = HashSet::new();
     let mut revisions = 0u64;
     for (index, connection_id) in connection_ids.iter().enumerate() {
-        let state = read_state(&client, &server.base, connection_id).await;
-        let history = read_history(&client, &server.base, connection_id).await;
+        let state = read_state(&client, server.base_url(), connection_id).await;
+        let history = read_history(&client, server.base_url(), connection_id).await;
         let mut mine: Vec<&WriteRecord> = records.iter().filter(|r| r.connection == index).collect();
         mine.sort_by_key(|r| r.seq);
         let report = check_connection(connection_id, &mine, &state, &history, &mut violations);
@@ -1156,7 +1046,7 @@ async fn acknowledged_writes_survive_repeated_sigkill() {
     let not_sent = records.iter().filter(|r| r.outcome == Outcome::NotSent).count();
     let unacked = records.len() - acked - not_sent;
     let cycles_with_acks = acked_per_cycle.iter().filter(|&&n| n > 0).count();
-    let notable = notable.lock().expect("notable lock").clone();
+    let notable = notable.lines();
     eprintln!(
         "crash test ({backend}): seed {seed:#x}, {CYCLES} SIGKILL cycles, {} writes sent: {acked} acked, \
          {unacked} unacked ({} of them applied anyway; {lost} lost in flight of which {timeouts} timeouts, \

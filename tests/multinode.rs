@@ -12,15 +12,14 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use highwater::state::ConnectionId;
-use serde_json::{json, Value};
+use serde_json::json;
+use support::server::{read_streams, stream_write, Notable, Server};
+use support::TestDatabase;
 
 const NODES: usize = 2;
 const CLIENTS: usize = 16;
@@ -29,35 +28,36 @@ const CONNECTIONS: usize = 3;
 /// Kept below the default so that parallel test runs fit in the server's
 /// `max_connections`.
 const POOL_SIZE: &str = "8";
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Per request; nothing is down here, so this only turns a hang into a failure.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
 /// The whole test, start-up to verification.
 const TEST_TIMEOUT: Duration = Duration::from_secs(50);
-const TAIL_LINES: usize = 50;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs PostgreSQL: run with HIGHWATER_TEST_BACKEND=postgres and --include-ignored (as .ci/run does)"]
 async fn concurrent_writers_through_two_nodes_lose_nothing_and_number_revisions_without_gaps() {
-    let database = PgDatabase::create().await;
+    let database = TestDatabase::postgres_always().await;
     match tokio::time::timeout(TEST_TIMEOUT, run(&database)).await {
         Ok(()) => {}
         Err(_) => panic!("the test did not finish within {TEST_TIMEOUT:?}"),
     }
 }
 
-async fn run(database: &PgDatabase) {
+async fn run(database: &TestDatabase) {
     // Both nodes start at once, so their migrations run concurrently.
-    let notable: Notable = Arc::default();
+    let url = database.url_text();
+    let notable = Notable::default();
     let starting: Vec<_> = (0..NODES)
         .map(|_| {
-            let url = database.url.clone();
-            let notable = Arc::clone(&notable);
-            thread::spawn(move || Server::start(&url, &notable))
+            let (url, notable) = (url.clone(), notable.clone());
+            thread::spawn(move || {
+                let args = ["--listen", "127.0.0.1:0", "--database-url", &url, "--database-pool-size", POOL_SIZE];
+                Server::start_noting(&args, &notable)
+            })
         })
         .collect();
     let servers: Vec<Server> = starting.into_iter().map(|s| s.join().expect("a node failed to start")).collect();
-    let bases: Arc<Vec<String>> = Arc::new(servers.iter().map(|s| s.base.clone()).collect());
+    let bases: Arc<Vec<String>> = Arc::new(servers.iter().map(|s| s.base_url().to_owned()).collect());
     let connections: Arc<Vec<String>> =
         Arc::new((0..CONNECTIONS).map(|_| ConnectionId::random().to_string()).collect());
 
@@ -91,7 +91,7 @@ async fn run(database: &PgDatabase) {
         "{} of {writes} writes were not acknowledged with 200 (nothing was down); first ones:\n{}\nnotable log lines:\n{}",
         failures.len(),
         failures.iter().take(10).cloned().collect::<Vec<_>>().join("\n"),
-        notable.lock().expect("notable lock").join("\n")
+        notable.lines().join("\n")
     );
 
     // Every acknowledged stream is there with its value, read through each node.
@@ -121,16 +121,10 @@ async fn run(database: &PgDatabase) {
     }
 
     // Revisions: exactly 1..=N per connection, N = acknowledged writes to it.
-    let db = support::connect(&database.url).await;
+    let db = support::connect(&url).await;
     for (index, id) in connections.iter().enumerate() {
         let n = acked.iter().filter(|a| a.connection == index).count() as i64;
-        let revisions: Vec<i64> = db
-            .query("SELECT revision FROM revisions WHERE connection_id = $1 ORDER BY revision", &[id])
-            .await
-            .expect("query revisions")
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
+        let revisions = support::postgres_revisions(&db, id).await;
         let expected: Vec<i64> = (1..=n).collect();
         if revisions != expected {
             panic!("connection {id}: {n} acknowledged writes but revisions are {}", describe_revisions(&revisions));
@@ -147,7 +141,7 @@ async fn run(database: &PgDatabase) {
     for server in servers {
         server.kill();
     }
-    let notable = notable.lock().expect("notable lock");
+    let notable = notable.lines();
     if !notable.is_empty() {
         println!("multinode: warnings and errors the nodes logged:\n{}", notable.join("\n"));
     }
@@ -171,13 +165,7 @@ async fn writer(client: usize, bases: Arc<Vec<String>>, connections: Arc<Vec<Str
         let base = &bases[(client + seq as usize) % bases.len()];
         let connection = (client + seq as usize) % connections.len();
         let stream = format!("c{client}-{seq}");
-        let body = json!({
-            "connectionId": connections[connection],
-            "connectionState": {
-                "stateType": "stream",
-                "streamState": [{"streamDescriptor": {"name": stream}, "streamState": {"seq": seq}}],
-            },
-        });
+        let body = stream_write(&connections[connection], &stream, &json!({ "seq": seq }));
         let sent = http.post(format!("{base}/api/v1/state/create_or_update")).json(&body).send().await;
         match sent {
             Ok(response) => {
@@ -193,30 +181,6 @@ async fn writer(client: usize, bases: Arc<Vec<String>>, connections: Arc<Vec<Str
         }
     }
     (acked, failed)
-}
-
-/// `state/get` of a stream-type connection, as stream name → blob.
-async fn read_streams(http: &reqwest::Client, base: &str, id: &str) -> HashMap<String, Value> {
-    let response = http
-        .post(format!("{base}/api/v1/state/get"))
-        .json(&json!({ "connectionId": id }))
-        .send()
-        .await
-        .expect("state/get");
-    let status = response.status().as_u16();
-    let text = response.text().await.expect("state/get body");
-    assert_eq!(status, 200, "state/get {id} via {base}: {text}");
-    let state: Value = serde_json::from_str(&text).expect("state/get answers JSON");
-    assert_eq!(state["stateType"], "stream", "state/get {id} via {base}: {text}");
-    state["streamState"]
-        .as_array()
-        .expect("streamState array")
-        .iter()
-        .map(|item| {
-            let name = item["streamDescriptor"]["name"].as_str().expect("stream name").to_owned();
-            (name, item["streamState"].clone())
-        })
-        .collect()
 }
 
 /// A short account of where a revision list departs from 1, 2, 3 …
@@ -239,154 +203,4 @@ fn describe_revisions(revisions: &[i64]) -> String {
         gaps.join(", "),
         duplicates
     )
-}
-
-/// A database of its own on the PostgreSQL server, dropped `WITH (FORCE)`
-/// when this is dropped, also when the test fails.
-struct PgDatabase {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl PgDatabase {
-    async fn create() -> Self {
-        let admin = support::admin_url();
-        let name = format!("highwater_test_{}", ConnectionId::random().to_string().replace('-', ""));
-        let client = support::connect(&admin).await;
-        client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("CREATE DATABASE");
-        let url = support::database_url(&admin, &name);
-        Self { admin, name, url }
-    }
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        let admin = self.admin.clone();
-        let name = self.name.clone();
-        // Drop runs inside the test's runtime; use a thread with its own.
-        let dropped = thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            runtime.block_on(async {
-                let client = support::connect(&admin).await;
-                client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("warning: could not drop the test database {}: {dropped:?}", self.name);
-        }
-    }
-}
-
-/// Server log lines worth reporting: warnings, errors, anything not JSON.
-type Notable = Arc<Mutex<Vec<String>>>;
-
-/// One running `highwater serve`, killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-    drain: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    /// Starts a node on `db_url` and waits for its listening line.
-    fn start(db_url: &str, notable: &Notable) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_highwater"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--database-url",
-                db_url,
-                "--database-pool-size",
-                POOL_SIZE,
-                "--log-format",
-                "json",
-                "--log-level",
-                "info",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn highwater");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (address_tx, address_rx) = mpsc::channel::<String>();
-        let tail = Arc::new(Mutex::new(Vec::<String>::new()));
-        let drain = {
-            let tail = Arc::clone(&tail);
-            let notable = Arc::clone(notable);
-            thread::spawn(move || drain_stderr(stderr, &address_tx, &tail, &notable))
-        };
-        match address_rx.recv_timeout(STARTUP_TIMEOUT) {
-            Ok(address) => Server { child, base: format!("http://{address}"), drain: Some(drain) },
-            Err(error) => {
-                let _ = child.kill();
-                let status = child.wait();
-                let _ = drain.join();
-                let tail = tail.lock().expect("tail lock").join("\n");
-                panic!("highwater did not report its address ({error}); exit: {status:?}; its last log lines:\n{tail}");
-            }
-        }
-    }
-
-    /// Kills the node, reaps it and waits for its log reader to finish.
-    fn kill(mut self) {
-        self.child.kill().expect("kill highwater");
-        self.child.wait().expect("wait for highwater");
-        if let Some(drain) = self.drain.take() {
-            drain.join().expect("stderr reader thread");
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Reads a node's stderr to the end: sends the address from the listening
-/// line, keeps a tail for diagnostics and collects notable lines.
-fn drain_stderr(
-    stderr: std::process::ChildStderr,
-    address_tx: &mpsc::Sender<String>,
-    tail: &Mutex<Vec<String>>,
-    notable: &Mutex<Vec<String>>,
-) {
-    let mut reader = BufReader::new(stderr);
-    let mut buf = Vec::new();
-    let mut announced = false;
-    loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
-        {
-            let mut tail = tail.lock().expect("tail lock");
-            if tail.len() == TAIL_LINES {
-                tail.remove(0);
-            }
-            tail.push(line.clone());
-        }
-        let Ok(event) = serde_json::from_str::<Value>(&line) else {
-            if !line.is_empty() {
-                notable.lock().expect("notable lock").push(line);
-            }
-            continue;
-        };
-        if matches!(event["level"].as_str(), Some("WARN" | "ERROR")) {
-            notable.lock().expect("notable lock").push(line.clone());
-        }
-        if !announced && event["message"] == "highwater listening" {
-            if let Some(address) = event["address"].as_str() {
-                announced = true;
-                let _ = address_tx.send(address.to_owned());
-            }
-        }
-    }
 }

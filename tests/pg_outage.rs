@@ -20,17 +20,15 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use highwater::state::ConnectionId;
 use serde_json::{json, Value};
+use support::server::{read_streams, stream_write, Server};
+use support::TestDatabase;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
@@ -49,9 +47,7 @@ const HEALTH_POLL: Duration = Duration::from_millis(50);
 const HEALTH_SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// Pause after a refused write, so writers do not spin while PostgreSQL is away.
 const BACKOFF: Duration = Duration::from_millis(20);
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 const TEST_TIMEOUT: Duration = Duration::from_secs(50);
-const TAIL_LINES: usize = 50;
 
 /// The phases, as stored in [`Shared::phase`].
 const UP: u8 = 0;
@@ -65,18 +61,29 @@ const PHASE_NAMES: [&str; 4] = ["(a) up", "(b) down", "(c) restoring", "(c) reco
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs PostgreSQL: run with HIGHWATER_TEST_BACKEND=postgres and --include-ignored (as .ci/run does)"]
 async fn a_database_outage_gives_503_then_recovers_without_losing_acknowledged_writes() {
-    let database = PgDatabase::create().await;
+    let database = TestDatabase::postgres_always().await;
     match tokio::time::timeout(TEST_TIMEOUT, run(&database)).await {
         Ok(()) => {}
         Err(_) => panic!("the test did not finish within {TEST_TIMEOUT:?} (a hang?)"),
     }
 }
 
-async fn run(database: &PgDatabase) {
-    let proxy = Proxy::start(database.upstream.clone()).await;
-    let notable: Notable = Arc::default();
-    let server = Server::start(&database.url_via(proxy.address), &notable);
-    let base = server.base.clone();
+async fn run(database: &TestDatabase) {
+    let url = database.url_text();
+    let proxy = Proxy::start(upstream_of(&url)).await;
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        &url_via(&url, proxy.address),
+        "--database-timeout-ms",
+        DATABASE_TIMEOUT_MS,
+        "--database-pool-size",
+        POOL_SIZE,
+    ];
+    let server = Server::start(&args);
+    let notable = server.notable();
+    let base = server.base_url().to_owned();
     let connections: Vec<String> = (0..CONNECTIONS).map(|_| ConnectionId::random().to_string()).collect();
     let shared = Arc::new(Shared { phase: AtomicU8::new(UP), stop: AtomicBool::new(false) });
 
@@ -108,7 +115,7 @@ async fn run(database: &PgDatabase) {
             panic!(
                 "health did not answer 200 within {RECOVER_WITHIN:?} of the proxy's restore ({polls} polls); \
                  notable log lines:\n{}",
-                last_lines(&notable, 20)
+                notable.last_lines(20)
             );
         }
         tokio::time::sleep(HEALTH_POLL).await;
@@ -208,7 +215,7 @@ async fn run(database: &PgDatabase) {
         "{} problems:\n{}\nlast notable log lines:\n{}",
         problems.len(),
         problems.iter().take(30).cloned().collect::<Vec<_>>().join("\n"),
-        last_lines(&notable, 20)
+        notable.last_lines(20)
     );
     let inside = |o: &&Outcome, phase: u8| o.start == phase && o.end == phase;
     assert!(outcomes.iter().any(|o| inside(&o, UP) && o.status() == Some(200)), "no write acknowledged in phase (a)");
@@ -220,7 +227,7 @@ async fn run(database: &PgDatabase) {
     );
 
     // Nothing acknowledged is lost; revisions have no gaps.
-    let db = support::connect(&database.url).await;
+    let db = support::connect(&url).await;
     let mut maybe_committed = 0usize;
     for (index, id) in connections.iter().enumerate() {
         let streams = read_streams(&http, &base, id).await;
@@ -246,13 +253,7 @@ async fn run(database: &PgDatabase) {
             .count();
         maybe_committed += refused_present;
         let sent = outcomes.iter().filter(|o| o.connection == index).count();
-        let revisions: Vec<i64> = db
-            .query("SELECT revision FROM revisions WHERE connection_id = $1 ORDER BY revision", &[id])
-            .await
-            .expect("query revisions")
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
+        let revisions = support::postgres_revisions(&db, id).await;
         let expected: Vec<i64> = (1..=streams.len() as i64).collect();
         assert_eq!(
             revisions,
@@ -274,7 +275,7 @@ async fn run(database: &PgDatabase) {
         "pg_outage: {} writes in all, every acknowledged one present; {maybe_committed} refused ones had committed; \
          {} warning/error log lines",
         outcomes.len(),
-        notable.lock().expect("notable lock").len()
+        notable.lines().len()
     );
     server.kill();
 }
@@ -313,13 +314,7 @@ async fn writer(writer: usize, base: String, connections: Vec<String>, shared: A
     while !shared.stop.load(Ordering::SeqCst) {
         let connection = (writer + seq as usize) % connections.len();
         let stream = format!("w{writer}-{seq}");
-        let body = json!({
-            "connectionId": connections[connection],
-            "connectionState": {
-                "stateType": "stream",
-                "streamState": [{"streamDescriptor": {"name": stream}, "streamState": {"seq": seq}}],
-            },
-        });
+        let body = stream_write(&connections[connection], &stream, &json!({ "seq": seq }));
         let start = shared.phase.load(Ordering::SeqCst);
         let began = Instant::now();
         let result = match http.post(format!("{base}/api/v1/state/create_or_update")).json(&body).send().await {
@@ -370,30 +365,6 @@ async fn health_sampler(base: String, shared: Arc<Shared>) -> Vec<Sample> {
         tokio::time::sleep(HEALTH_SAMPLE_EVERY).await;
     }
     samples
-}
-
-/// `state/get` of a stream-type connection, as stream name → blob.
-async fn read_streams(http: &reqwest::Client, base: &str, id: &str) -> HashMap<String, Value> {
-    let response = http
-        .post(format!("{base}/api/v1/state/get"))
-        .json(&json!({ "connectionId": id }))
-        .send()
-        .await
-        .expect("state/get");
-    let status = response.status().as_u16();
-    let text = response.text().await.expect("state/get body");
-    assert_eq!(status, 200, "state/get {id}: {text}");
-    let state: Value = serde_json::from_str(&text).expect("state/get answers JSON");
-    assert_eq!(state["stateType"], "stream", "state/get {id}: {text}");
-    state["streamState"]
-        .as_array()
-        .expect("streamState array")
-        .iter()
-        .map(|item| {
-            let name = item["streamDescriptor"]["name"].as_str().expect("stream name").to_owned();
-            (name, item["streamState"].clone())
-        })
-        .collect()
 }
 
 /// A TCP proxy to PostgreSQL with an off switch.
@@ -488,33 +459,10 @@ impl Drop for Proxy {
     }
 }
 
-/// A database of its own on the PostgreSQL server, dropped `WITH (FORCE)`
-/// when this is dropped, also when the test fails.
-struct PgDatabase {
-    admin: String,
-    name: String,
-    /// Direct URL of the database.
-    url: String,
-    /// `host:port` of the PostgreSQL server, for the proxy.
-    upstream: String,
-}
-
-impl PgDatabase {
-    async fn create() -> Self {
-        let admin = support::admin_url();
-        let name = format!("highwater_test_{}", ConnectionId::random().to_string().replace('-', ""));
-        let client = support::connect(&admin).await;
-        client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("CREATE DATABASE");
-        let url = support::database_url(&admin, &name);
-        let upstream = upstream_of(&url);
-        Self { admin, name, url, upstream }
-    }
-
-    /// The database's URL with its host and port replaced by `address`.
-    fn url_via(&self, address: SocketAddr) -> String {
-        let hosts = host_range(&self.url);
-        format!("{}{address}{}", &self.url[..hosts.start], &self.url[hosts.end..])
-    }
+/// `url` with its host and port replaced by `address`.
+fn url_via(url: &str, address: SocketAddr) -> String {
+    let hosts = host_range(url);
+    format!("{}{address}{}", &url[..hosts.start], &url[hosts.end..])
 }
 
 /// Where the `host:port` of a `postgres://user@host:port/db` URL is.
@@ -533,143 +481,5 @@ fn upstream_of(url: &str) -> String {
         host.to_owned()
     } else {
         format!("{host}:5432")
-    }
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        let admin = self.admin.clone();
-        let name = self.name.clone();
-        // Drop runs inside the test's runtime; use a thread with its own.
-        let dropped = thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            runtime.block_on(async {
-                let client = support::connect(&admin).await;
-                client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("warning: could not drop the test database {}: {dropped:?}", self.name);
-        }
-    }
-}
-
-/// Server log lines worth reporting: warnings, errors, anything not JSON.
-type Notable = Arc<Mutex<Vec<String>>>;
-
-fn last_lines(notable: &Notable, n: usize) -> String {
-    let lines = notable.lock().expect("notable lock");
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// A running `highwater serve`, killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-    drain: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    /// Starts Highwater on `db_url` and waits for its listening line.
-    fn start(db_url: &str, notable: &Notable) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_highwater"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--database-url",
-                db_url,
-                "--database-timeout-ms",
-                DATABASE_TIMEOUT_MS,
-                "--database-pool-size",
-                POOL_SIZE,
-                "--log-format",
-                "json",
-                "--log-level",
-                "info",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn highwater");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (address_tx, address_rx) = mpsc::channel::<String>();
-        let tail = Arc::new(Mutex::new(Vec::<String>::new()));
-        let drain = {
-            let tail = Arc::clone(&tail);
-            let notable = Arc::clone(notable);
-            thread::spawn(move || drain_stderr(stderr, &address_tx, &tail, &notable))
-        };
-        match address_rx.recv_timeout(STARTUP_TIMEOUT) {
-            Ok(address) => Server { child, base: format!("http://{address}"), drain: Some(drain) },
-            Err(error) => {
-                let _ = child.kill();
-                let status = child.wait();
-                let _ = drain.join();
-                let tail = tail.lock().expect("tail lock").join("\n");
-                panic!("highwater did not report its address ({error}); exit: {status:?}; its last log lines:\n{tail}");
-            }
-        }
-    }
-
-    /// Kills the process, reaps it and waits for its log reader to finish.
-    fn kill(mut self) {
-        self.child.kill().expect("kill highwater");
-        self.child.wait().expect("wait for highwater");
-        if let Some(drain) = self.drain.take() {
-            drain.join().expect("stderr reader thread");
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Reads the stderr to the end: sends the address from the listening line,
-/// keeps a tail for diagnostics and collects notable lines.
-fn drain_stderr(
-    stderr: std::process::ChildStderr,
-    address_tx: &mpsc::Sender<String>,
-    tail: &Mutex<Vec<String>>,
-    notable: &Mutex<Vec<String>>,
-) {
-    let mut reader = BufReader::new(stderr);
-    let mut buf = Vec::new();
-    let mut announced = false;
-    loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
-        {
-            let mut tail = tail.lock().expect("tail lock");
-            if tail.len() == TAIL_LINES {
-                tail.remove(0);
-            }
-            tail.push(line.clone());
-        }
-        let Ok(event) = serde_json::from_str::<Value>(&line) else {
-            if !line.is_empty() {
-                notable.lock().expect("notable lock").push(line);
-            }
-            continue;
-        };
-        if matches!(event["level"].as_str(), Some("WARN" | "ERROR")) {
-            notable.lock().expect("notable lock").push(line.clone());
-        }
-        if !announced && event["message"] == "highwater listening" {
-            if let Some(address) = event["address"].as_str() {
-                announced = true;
-                let _ = address_tx.send(address.to_owned());
-            }
-        }
     }
 }

@@ -2,39 +2,15 @@
 //! configuration, credentials made by `hash-secret`, and a SIGTERM that
 //! finishes requests in flight and exits 0 without losing anything.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::server::Server;
 
 const BIN: &str = env!("CARGO_BIN_EXE_highwater");
-
-/// Starts `highwater serve` and waits for its listening line.
-fn serve(args: &[&str]) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .args(args)
-        .args(["--log-format", "json", "--log-level", "info"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start highwater");
-    let stderr = child.stderr.take().expect("stderr");
-    let (found, address) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut found = Some(found);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(sender) = found.as_ref() {
-                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if event["message"] == "highwater listening" {
-                        let _ = sender.send(event["address"].as_str().unwrap_or_default().to_owned());
-                        found = None;
-                    }
-                }
-            }
-        }
-    });
-    let address = address.recv_timeout(Duration::from_secs(20)).expect("highwater did not start listening");
-    (child, address)
-}
 
 fn db_arg(dir: &tempfile::TempDir) -> String {
     format!("sqlite://{}", dir.path().join("hw.db").display())
@@ -50,9 +26,7 @@ fn serving_beyond_loopback_without_credentials_is_refused() {
     assert!(stderr.contains("refusing to listen on 0.0.0.0:0 without authentication"), "{stderr}");
     assert!(stderr.contains("--behind-auth-proxy"), "{stderr}");
     // Told that a proxy authenticates, it serves.
-    let (mut child, _) = serve(&["--listen", "0.0.0.0:0", "--database-url", &db, "--behind-auth-proxy"]);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    Server::start(&["--listen", "0.0.0.0:0", "--database-url", &db, "--behind-auth-proxy"]).kill();
 }
 
 #[tokio::test]
@@ -79,8 +53,15 @@ async fn credentials_made_by_hash_secret_are_accepted_and_others_refused() {
     )
     .unwrap();
     let db = db_arg(&dir);
-    let (mut child, address) =
-        serve(&["--listen", "127.0.0.1:0", "--database-url", &db, "--auth-file", credentials.to_str().unwrap()]);
+    let server = Server::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        &db,
+        "--auth-file",
+        credentials.to_str().unwrap(),
+    ]);
+    let address = server.address();
     let client = reqwest::Client::new();
     let get = |auth: Option<(&str, Option<&str>)>, bearer: Option<&str>| {
         let mut request = client
@@ -101,15 +82,15 @@ async fn credentials_made_by_hash_secret_are_accepted_and_others_refused() {
     assert_eq!(get(None, None).await.unwrap().status(), 401);
     let health = client.get(format!("http://{address}/api/v1/health")).send().await.unwrap();
     assert_eq!(health.status(), 200, "health stays open");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    server.kill();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_requests_in_flight_exits_zero_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let db = db_arg(&dir);
-    let (mut child, address) = serve(&["--listen", "127.0.0.1:0", "--database-url", &db]);
+    let mut server = Server::start(&["--listen", "127.0.0.1:0", "--database-url", &db]);
+    let address = server.address().to_owned();
     let id = "5b9a7c1e-0f6a-4e1d-9c11-3f0b8d2a4e77";
     let client = reqwest::Client::new();
     let writers: Vec<_> = (0..32)
@@ -132,28 +113,21 @@ async fn sigterm_finishes_requests_in_flight_exits_zero_and_loses_nothing() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(30)).await;
-    let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    server.terminate();
     let mut acknowledged = Vec::new();
     for writer in writers {
         if let Some(i) = writer.await.unwrap() {
             acknowledged.push(i);
         }
     }
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "highwater did not exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = server.wait_exit(Duration::from_secs(30)).expect("highwater did not exit after SIGTERM");
     assert!(status.success(), "exit status {status:?}");
     // The WAL was folded back into the database file on the way out.
     let wal = dir.path().join("hw.db-wal");
     assert!(!wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0, "WAL left behind");
 
-    let (mut child, address) = serve(&["--listen", "127.0.0.1:0", "--database-url", &db]);
+    let server = Server::start(&["--listen", "127.0.0.1:0", "--database-url", &db]);
+    let address = server.address();
     let state: serde_json::Value = client
         .post(format!("http://{address}/api/v1/state/get"))
         .header("content-type", "application/json")
@@ -172,6 +146,5 @@ async fn sigterm_finishes_requests_in_flight_exits_zero_and_loses_nothing() {
         assert!(present.contains(&format!("s{i}")), "acknowledged write s{i} lost");
     }
     eprintln!("{} of 32 writes acknowledged around SIGTERM, all present", acknowledged.len());
-    child.kill().unwrap();
-    child.wait().unwrap();
+    server.kill();
 }

@@ -15,29 +15,24 @@
 //! root, as CI has. Every mount is lazily unmounted by a guard, also when a
 //! test fails; every server is killed by its guard.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::server::{stream_items, stream_write, Launch, Server, EXIT_TIMEOUT};
 
 /// Each test must finish within this.
 const TEST_BUDGET: Duration = Duration::from_secs(30);
-/// The server must print its listening line (or exit) within this.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
-/// A server told to stop (or refusing to start) must exit within this.
-const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Every request must be answered within this: a fault is never a hang.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 /// How long to wait for a failure's log line to be read from the pipe.
 const LOG_WITHIN: Duration = Duration::from_secs(2);
-const POLL: Duration = Duration::from_millis(10);
 
 const ENOSPC: i32 = 28;
 const EROFS: i32 = 30;
@@ -69,14 +64,10 @@ fn a_full_disk_gives_507_keeps_reads_working_and_recovers_when_space_returns() {
     let db = mount.path().join("hw.db");
     let http = Http::new();
     let id = uuid::Uuid::new_v4().to_string();
-    let mut server = Server::start(&db);
+    let mut server = serve(&db);
 
     // A known state, acknowledged before the disk fills.
-    let mut expected: Vec<(String, Value)> = Vec::new();
-    let known = json!({"cursor": "2024-06-01"});
-    let (status, body) = http.write(&server.base, &id, "known", &known);
-    assert_eq!(status, 200, "the first write: {body}");
-    expected.push(("known".to_owned(), known));
+    let mut expected = http.write_known(server.base_url(), &id, "2024-06-01");
 
     // Fill the filesystem, then give back a little.
     let filler = mount.path().join("filler");
@@ -93,7 +84,7 @@ fn a_full_disk_gives_507_keeps_reads_working_and_recovers_when_space_returns() {
         }
         let name = format!("big-{seq}");
         let blob = big_blob(seq);
-        let (status, body) = http.write(&server.base, &id, &name, &blob);
+        let (status, body) = http.write(server.base_url(), &id, &name, &blob);
         statuses.push(status);
         match status {
             200 => {
@@ -117,7 +108,7 @@ fn a_full_disk_gives_507_keeps_reads_working_and_recovers_when_space_returns() {
 
     // A small write on the full disk: acknowledged or refused, never half.
     let small = json!({"cursor": "small"});
-    let (small_status, body) = http.write(&server.base, &id, "small-while-full", &small);
+    let (small_status, body) = http.write(server.base_url(), &id, "small-while-full", &small);
     match small_status {
         200 => expected.push(("small-while-full".to_owned(), small)),
         507 | 503 => {
@@ -132,13 +123,11 @@ fn a_full_disk_gives_507_keeps_reads_working_and_recovers_when_space_returns() {
     for (_, status, error_id) in &refused {
         causes.insert(format!("{status}: {}", logged_cause(&server, error_id, *status)));
     }
-    assert!(server.is_running(), "the server died on a full disk; log:\n{}", server.log_tail(30));
+    assert!(server.is_running(), "the server died on a full disk; log:\n{}", server.last_log_lines(30));
 
     // Reads still answer, with the last acknowledged state.
-    let (status, body) = http.read(&server.base, &id);
-    assert_eq!(status, 200, "state/get on the full disk: {}", excerpt(&body));
-    assert_streams(&streams_of(&body), &expected, "state/get on the full disk");
-    let (health_status, health_full) = http.get(&server.base, "/api/v1/health");
+    http.assert_state(server.base_url(), &id, &expected, "state/get on the full disk");
+    let (health_status, health_full) = http.get(server.base_url(), "/api/v1/health");
     assert!(
         matches!(health_status, 200 | 503) && health_full["available"].is_boolean(),
         "health on the full disk answered {health_status} {health_full}"
@@ -148,28 +137,22 @@ fn a_full_disk_gives_507_keeps_reads_working_and_recovers_when_space_returns() {
     let wal_when_full = file_len(&mount.path().join("hw.db-wal"));
     fs::remove_file(&filler).expect("remove the filler file");
     let after = big_blob(1_000);
-    let (status, body) = http.write(&server.base, &id, "after-recovery", &after);
+    let (status, body) = http.write(server.base_url(), &id, "after-recovery", &after);
     assert_eq!(status, 200, "a write once space returned: {}", excerpt(&body));
     expected.push(("after-recovery".to_owned(), after));
-    let (status, body) = http.read(&server.base, &id);
-    assert_eq!(status, 200);
-    assert_streams(&streams_of(&body), &expected, "state/get after recovery");
-    let (health_status_after, health_after) = http.get(&server.base, "/api/v1/health");
+    http.assert_state(server.base_url(), &id, &expected, "state/get after recovery");
+    let (health_status_after, health_after) = http.get(server.base_url(), "/api/v1/health");
     assert_eq!(health_status_after, 200, "health after recovery: {health_after}");
 
     // Stop, check the file, and read it back through a fresh server.
-    let exit = server.stop();
-    assert!(exit.success(), "highwater exited with {exit} after SIGTERM");
+    stop_cleanly(server);
     assert_eq!(integrity_check(&db), "ok", "PRAGMA integrity_check");
-    server = Server::start(&db);
-    let (status, body) = http.read(&server.base, &id);
-    assert_eq!(status, 200);
-    assert_streams(&streams_of(&body), &expected, "state/get after a restart");
+    server = serve(&db);
+    let found = http.assert_state(server.base_url(), &id, &expected, "state/get after a restart");
     for (name, _, _) in &refused {
-        assert!(!streams_of(&body).iter().any(|(n, _)| n == name), "refused write {name} is present");
+        assert!(!found.iter().any(|(n, _)| n == name), "refused write {name} is present");
     }
-    let exit = server.stop();
-    assert!(exit.success(), "highwater exited with {exit} after SIGTERM");
+    stop_cleanly(server);
 
     eprintln!(
         "full disk: filler {filler_bytes} bytes leaving {LEAVE_FREE}; write statuses {statuses:?}; \
@@ -204,13 +187,9 @@ fn a_read_only_database_gives_503_for_writes_and_keeps_serving_reads() {
     let db = mount.path().join("hw.db");
     let http = Http::new();
     let id = uuid::Uuid::new_v4().to_string();
-    let mut server = Server::start(&db);
+    let mut server = serve(&db);
 
-    let mut expected = Vec::new();
-    let known = json!({"cursor": "before read-only"});
-    let (status, body) = http.write(&server.base, &id, "known", &known);
-    assert_eq!(status, 200, "the first write: {body}");
-    expected.push(("known".to_owned(), known));
+    let mut expected = http.write_known(server.base_url(), &id, "before read-only");
 
     // Make the database read-only.
     let remount = run_output("mount", &["-o", "remount,ro", path_str(mount.path())]);
@@ -224,20 +203,8 @@ fn a_read_only_database_gives_503_for_writes_and_keeps_serving_reads() {
         "chattr +i on hw.db and hw.db-wal"
     };
 
-    let mut refusals = Vec::new();
-    for n in 0..3 {
-        let name = format!("while-read-only-{n}");
-        let (status, body) = http.write(&server.base, &id, &name, &json!({"n": n}));
-        assert!(matches!(status, 503 | 507), "a write to a read-only database answered {status}: {body}");
-        let error_id = documented_error(status, &body);
-        refusals.push((name, status, logged_cause(&server, &error_id, status)));
-    }
-    assert!(server.is_running(), "the server died on a read-only database; log:\n{}", server.log_tail(30));
-    let (status, body) = http.read(&server.base, &id);
-    assert_eq!(status, 200, "state/get on a read-only database: {body}");
-    assert_streams(&streams_of(&body), &expected, "state/get on a read-only database");
-    let (health_status, health) = http.get(&server.base, "/api/v1/health");
-    assert!(matches!(health_status, 200 | 503), "health on a read-only database: {health_status} {health}");
+    let (refusals, health_status, health) =
+        refused_writes_and_served_reads(&http, &mut server, &id, &expected, "a read-only database");
 
     // Writable again: writes resume without a restart.
     if remount.status.success() {
@@ -248,15 +215,12 @@ fn a_read_only_database_gives_503_for_writes_and_keeps_serving_reads() {
         }
     }
     let after = json!({"cursor": "after read-only"});
-    let (status, body) = http.write(&server.base, &id, "after", &after);
+    let (status, body) = http.write(server.base_url(), &id, "after", &after);
     assert_eq!(status, 200, "a write once the database is writable again: {body}");
     expected.push(("after".to_owned(), after));
-    let (status, body) = http.read(&server.base, &id);
-    assert_eq!(status, 200);
-    assert_streams(&streams_of(&body), &expected, "state/get after the database is writable again");
+    http.assert_state(server.base_url(), &id, &expected, "state/get after the database is writable again");
 
-    let exit = server.stop();
-    assert!(exit.success(), "highwater exited with {exit} after SIGTERM");
+    stop_cleanly(server);
     assert_eq!(integrity_check(&db), "ok", "PRAGMA integrity_check");
     eprintln!(
         "read-only database: remount,ro while serving: {} ({}); made read-only with {how}; \
@@ -283,13 +247,9 @@ fn a_filesystem_the_kernel_remounts_read_only_gives_503_for_writes_and_keeps_ser
     let db = mount.path().join("hw.db");
     let http = Http::new();
     let id = uuid::Uuid::new_v4().to_string();
-    let mut server = Server::start(&db);
+    let mut server = serve(&db);
 
-    let mut expected = Vec::new();
-    let known = json!({"cursor": "before the error"});
-    let (status, body) = http.write(&server.base, &id, "known", &known);
-    assert_eq!(status, 200, "the first write: {body}");
-    expected.push(("known".to_owned(), known));
+    let expected = http.write_known(server.base_url(), &id, "before the error");
 
     mount.trigger_ext4_error();
     let probe = fs::write(mount.path().join("probe"), b"x");
@@ -299,34 +259,19 @@ fn a_filesystem_the_kernel_remounts_read_only_gives_503_for_writes_and_keeps_ser
         "the filesystem should be read-only after the injected error: {probe:?}"
     );
 
-    let mut refusals = Vec::new();
-    for n in 0..3 {
-        let name = format!("while-read-only-{n}");
-        let (status, body) = http.write(&server.base, &id, &name, &json!({"n": n}));
-        assert!(matches!(status, 503 | 507), "a write on a read-only filesystem answered {status}: {body}");
-        let error_id = documented_error(status, &body);
-        refusals.push((name, status, logged_cause(&server, &error_id, status)));
-    }
-    assert!(server.is_running(), "the server died on a read-only filesystem; log:\n{}", server.log_tail(30));
-    let (status, body) = http.read(&server.base, &id);
-    assert_eq!(status, 200, "state/get on a read-only filesystem: {body}");
-    assert_streams(&streams_of(&body), &expected, "state/get on a read-only filesystem");
-    let (health_status, health) = http.get(&server.base, "/api/v1/health");
-    assert!(matches!(health_status, 200 | 503), "health on a read-only filesystem: {health_status} {health}");
+    let (refusals, health_status, health) =
+        refused_writes_and_served_reads(&http, &mut server, &id, &expected, "a read-only filesystem");
 
     // Recovery: stop, unmount, repair, mount, start.
     let exit = server.stop();
     assert!(exit.success(), "highwater exited with {exit} after SIGTERM on a read-only filesystem");
     let fsck = mount.fsck_and_remount();
-    server = Server::start(&db);
-    let (status, body) = http.read(&server.base, &id);
-    assert_eq!(status, 200, "state/get after the repair: {body}");
-    assert_streams(&streams_of(&body), &expected, "state/get after the repair");
+    server = serve(&db);
+    http.assert_state(server.base_url(), &id, &expected, "state/get after the repair");
     let after = json!({"cursor": "after the repair"});
-    let (status, body) = http.write(&server.base, &id, "after", &after);
+    let (status, body) = http.write(server.base_url(), &id, "after", &after);
     assert_eq!(status, 200, "a write after the repair: {body}");
-    let exit = server.stop();
-    assert!(exit.success(), "highwater exited with {exit} after SIGTERM");
+    stop_cleanly(server);
     assert_eq!(integrity_check(&db), "ok", "PRAGMA integrity_check");
 
     eprintln!(
@@ -434,15 +379,15 @@ fn a_highwater_database_with_a_corrupt_page_answers_500_never_crashes_and_keeps_
                 format!("{target} (page {page_number}): refused at start-up after {after:.2?}: {}", error_message(&log))
             }
             Launch::Listening(mut server) => {
-                let (read_status, body) = http.read(&server.base, &id);
+                let (read_status, body) = http.read(server.base_url(), &id);
                 assert!(matches!(read_status, 500 | 503), "{target}: state/get answered {read_status}: {body}");
                 let read_cause = logged_cause(&server, &documented_error(read_status, &body), read_status);
-                let (write_status, body) = http.write(&server.base, &id, "more", &json!({"cursor": 2}));
+                let (write_status, body) = http.write(server.base_url(), &id, "more", &json!({"cursor": 2}));
                 assert!(matches!(write_status, 500 | 503), "{target}: a write answered {write_status}: {body}");
                 let write_cause = logged_cause(&server, &documented_error(write_status, &body), write_status);
-                let (health_status, health) = http.get(&server.base, "/api/v1/health");
-                assert!(server.is_running(), "{target}: the server died; log:\n{}", server.log_tail(30));
-                let warnings = server.warnings();
+                let (health_status, health) = http.get(server.base_url(), "/api/v1/health");
+                assert!(server.is_running(), "{target}: the server died; log:\n{}", server.last_log_lines(30));
+                let warnings = warnings(&server);
                 let exit = server.stop();
                 assert!(exit.success(), "{target}: highwater exited with {exit} after SIGTERM");
                 format!(
@@ -501,11 +446,8 @@ fn a_restart_on_a_full_disk_serves_reads_and_refuses_writes() {
     let db = mount.path().join("hw.db");
     let http = Http::new();
     let id = uuid::Uuid::new_v4().to_string();
-    let server = Server::start(&db);
-    let known = json!({"cursor": "before the disk filled"});
-    let (status, body) = http.write(&server.base, &id, "known", &known);
-    assert_eq!(status, 200, "the first write: {body}");
-    let expected = vec![("known".to_owned(), known)];
+    let server = serve(&db);
+    let expected = http.write_known(server.base_url(), &id, "before the disk filled");
     server.kill();
     let filler = mount.path().join("filler");
     fill(&filler, 0);
@@ -515,25 +457,19 @@ fn a_restart_on_a_full_disk_serves_reads_and_refuses_writes() {
             panic!("highwater did not start on a full disk ({status}): {}", error_message(&log))
         }
         Launch::Listening(mut server) => {
-            let (status, body) = http.read(&server.base, &id);
-            assert_eq!(status, 200, "state/get after a restart on a full disk: {body}");
-            assert_streams(&streams_of(&body), &expected, "state/get after a restart on a full disk");
-            let (status, body) = http.write(&server.base, &id, "refused", &json!({"n": 1}));
+            http.assert_state(server.base_url(), &id, &expected, "state/get after a restart on a full disk");
+            let (status, body) = http.write(server.base_url(), &id, "refused", &json!({"n": 1}));
             assert!(matches!(status, 507 | 503), "a write on a full disk answered {status}: {body}");
             let cause = logged_cause(&server, &documented_error(status, &body), status);
-            assert!(server.is_running(), "the server died on a full disk; log:\n{}", server.log_tail(30));
-            let exit = server.stop();
-            assert!(exit.success(), "highwater exited with {exit} after SIGTERM");
+            assert!(server.is_running(), "the server died on a full disk; log:\n{}", server.last_log_lines(30));
+            stop_cleanly(server);
             format!("write {status} ({cause})")
         }
     };
     fs::remove_file(&filler).expect("remove the filler file");
-    let server = Server::start(&db);
-    let (status, body) = http.read(&server.base, &id);
-    assert_eq!(status, 200);
-    assert_streams(&streams_of(&body), &expected, "state/get once space returned");
-    let exit = server.stop();
-    assert!(exit.success(), "highwater exited with {exit} after SIGTERM");
+    let server = serve(&db);
+    http.assert_state(server.base_url(), &id, &expected, "state/get once space returned");
+    stop_cleanly(server);
     assert_eq!(integrity_check(&db), "ok", "PRAGMA integrity_check");
     eprintln!("restart on a full disk: {outcome}; elapsed {:.2?}", started.elapsed());
     assert!(started.elapsed() < TEST_BUDGET, "took {:.2?}", started.elapsed());
@@ -557,15 +493,11 @@ fn read_only_at_start_up(shutdown: Shutdown) {
     let db = mount.path().join("hw.db");
     let http = Http::new();
     let id = uuid::Uuid::new_v4().to_string();
-    let server = Server::start(&db);
-    let known = json!({"cursor": "before read-only"});
-    let (status, body) = http.write(&server.base, &id, "known", &known);
-    assert_eq!(status, 200, "the first write: {body}");
-    let expected = vec![("known".to_owned(), known)];
+    let server = serve(&db);
+    let expected = http.write_known(server.base_url(), &id, "before read-only");
     match shutdown {
         Shutdown::Checkpointed => {
-            let exit = server.stop();
-            assert!(exit.success(), "highwater exited with {exit} after SIGTERM");
+            stop_cleanly(server);
             checkpoint_and_close(&db);
         }
         Shutdown::Killed => server.kill(),
@@ -592,15 +524,12 @@ fn read_only_at_start_up(shutdown: Shutdown) {
             format!("refused after {after:.2?}: {message}")
         }
         Launch::Listening(server) => {
-            let (status, body) = http.read(&server.base, &id);
-            assert_eq!(status, 200, "state/get on a read-only mount: {body}");
-            assert_streams(&streams_of(&body), &expected, "state/get on a read-only mount");
-            let (status, body) = http.write(&server.base, &id, "refused", &json!({"n": 1}));
+            http.assert_state(server.base_url(), &id, &expected, "state/get on a read-only mount");
+            let (status, body) = http.write(server.base_url(), &id, "refused", &json!({"n": 1}));
             assert!(matches!(status, 503 | 507), "a write on a read-only mount answered {status}: {body}");
             let cause = logged_cause(&server, &documented_error(status, &body), status);
-            let (health_status, health) = http.get(&server.base, "/api/v1/health");
-            let exit = server.stop();
-            assert!(exit.success(), "highwater exited with {exit} after SIGTERM");
+            let (health_status, health) = http.get(server.base_url(), "/api/v1/health");
+            stop_cleanly(server);
             format!("served read-only: write {status} ({cause}); health {health_status} {health}")
         }
     };
@@ -611,14 +540,37 @@ fn read_only_at_start_up(shutdown: Shutdown) {
 
     // Writable again: the database is intact.
     run("mount", &["-o", "remount,rw", path_str(mount.path())]);
-    let server = Server::start(&db);
-    let (status, body) = http.read(&server.base, &id);
-    assert_eq!(status, 200);
-    assert_streams(&streams_of(&body), &expected, "state/get once the mount is writable");
-    let exit = server.stop();
-    assert!(exit.success(), "highwater exited with {exit} after SIGTERM");
+    let server = serve(&db);
+    http.assert_state(server.base_url(), &id, &expected, "state/get once the mount is writable");
+    stop_cleanly(server);
     eprintln!("read-only at start-up ({shutdown:?}, files {files:?}): {outcome}; elapsed {:.2?}", started.elapsed());
     assert!(started.elapsed() < TEST_BUDGET, "took {:.2?}", started.elapsed());
+}
+
+/// On a database that cannot be written (`on` says how): three writes, each
+/// refused with the documented body and its cause logged; the server keeps
+/// running and reads answer with `expected`. Returns each refusal as
+/// (stream, status, cause), and the health answer.
+fn refused_writes_and_served_reads(
+    http: &Http,
+    server: &mut Server,
+    id: &str,
+    expected: &[(String, Value)],
+    on: &str,
+) -> (Vec<(String, u16, String)>, u16, Value) {
+    let mut refusals = Vec::new();
+    for n in 0..3 {
+        let name = format!("while-read-only-{n}");
+        let (status, body) = http.write(server.base_url(), id, &name, &json!({"n": n}));
+        assert!(matches!(status, 503 | 507), "a write on {on} answered {status}: {body}");
+        let error_id = documented_error(status, &body);
+        refusals.push((name, status, logged_cause(server, &error_id, status)));
+    }
+    assert!(server.is_running(), "the server died on {on}; log:\n{}", server.last_log_lines(30));
+    http.assert_state(server.base_url(), id, expected, &format!("state/get on {on}"));
+    let (health_status, health) = http.get(server.base_url(), "/api/v1/health");
+    assert!(matches!(health_status, 200 | 503), "health on {on}: {health_status} {health}");
+    (refusals, health_status, health)
 }
 
 /// Starts a server on `db`, which must refuse to start: checks the exit,
@@ -635,7 +587,7 @@ fn assert_refused_and_untouched(db: &Path, must_say: Option<&str>) -> String {
             log
         }
         Launch::Listening(server) => {
-            let log = server.log_tail(20);
+            let log = server.last_log_lines(20);
             drop(server);
             panic!("highwater started on {}; its log:\n{log}", db.display());
         }
@@ -656,13 +608,12 @@ fn assert_refused_and_untouched(db: &Path, must_say: Option<&str>) -> String {
 fn make_highwater_db(dir: &Path, http: &Http) -> (PathBuf, String) {
     let db = dir.join("hw.db");
     let id = uuid::Uuid::new_v4().to_string();
-    let server = Server::start(&db);
+    let server = serve(&db);
     for name in ["users", "orders", "items"] {
-        let (status, body) = http.write(&server.base, &id, name, &json!({"cursor": name}));
+        let (status, body) = http.write(server.base_url(), &id, name, &json!({"cursor": name}));
         assert_eq!(status, 200, "writing {name}: {body}");
     }
-    let exit = server.stop();
-    assert!(exit.success(), "highwater exited with {exit} after SIGTERM");
+    stop_cleanly(server);
     checkpoint_and_close(&db);
     assert_eq!(listing(dir), ["hw.db"], "files after the checkpoint");
     (db, id)
@@ -796,26 +747,14 @@ fn documented_error(status: u16, body: &Value) -> String {
 
 /// Finds the server's log line for `error_id` and returns its cause.
 fn logged_cause(server: &Server, error_id: &str, status: u16) -> String {
-    let deadline = Instant::now() + LOG_WITHIN;
-    loop {
-        let found = server.log.lock().expect("log lock").iter().find_map(|line| {
-            let event: Value = serde_json::from_str(line).ok()?;
-            (event["error_id"] == error_id).then_some(event)
-        });
-        if let Some(event) = found {
-            assert_eq!(event["status"], status, "log line {event}");
-            assert_eq!(event["level"], "ERROR", "log line {event}");
-            let cause = event["cause"].as_str().unwrap_or_default();
-            assert!(!cause.is_empty(), "the log line for {error_id} has no cause: {event}");
-            return cause.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "errorId {error_id} is not in the server log; its tail:\n{}",
-            server.log_tail(20)
-        );
-        thread::sleep(POLL);
-    }
+    let Some(event) = server.logged_error(error_id, LOG_WITHIN) else {
+        panic!("errorId {error_id} is not in the server log; its tail:\n{}", server.last_log_lines(20))
+    };
+    assert_eq!(event["status"], status, "log line {event}");
+    assert_eq!(event["level"], "ERROR", "log line {event}");
+    let cause = event["cause"].as_str().unwrap_or_default();
+    assert!(!cause.is_empty(), "the log line for {error_id} has no cause: {event}");
+    cause.to_owned()
 }
 
 /// A state/get body as (stream name, blob), in the order served.
@@ -824,15 +763,7 @@ fn streams_of(body: &Value) -> Vec<(String, Value)> {
         return Vec::new();
     }
     assert_eq!(body["stateType"], "stream", "state {}", excerpt(body));
-    body["streamState"]
-        .as_array()
-        .expect("streamState array")
-        .iter()
-        .map(|item| {
-            let name = item["streamDescriptor"]["name"].as_str().expect("stream name").to_owned();
-            (name, item["streamState"].clone())
-        })
-        .collect()
+    stream_items(body)
 }
 
 fn assert_streams(found: &[(String, Value)], expected: &[(String, Value)], context: &str) {
@@ -873,14 +804,26 @@ impl Http {
     }
 
     fn write(&self, base: &str, id: &str, stream: &str, blob: &Value) -> (u16, Value) {
-        let body = json!({
-            "connectionId": id,
-            "connectionState": {
-                "stateType": "stream",
-                "streamState": [{"streamDescriptor": {"name": stream}, "streamState": blob}],
-            },
-        });
-        self.post(base, "/api/v1/state/create_or_update", &body)
+        self.post(base, "/api/v1/state/create_or_update", &stream_write(id, stream, blob))
+    }
+
+    /// Writes stream `known` as `{"cursor": cursor}`, which must be
+    /// acknowledged; returns it as the streams expected.
+    fn write_known(&self, base: &str, id: &str, cursor: &str) -> Vec<(String, Value)> {
+        let known = json!({ "cursor": cursor });
+        let (status, body) = self.write(base, id, "known", &known);
+        assert_eq!(status, 200, "the first write: {body}");
+        vec![("known".to_owned(), known)]
+    }
+
+    /// `state/get` of `id`, which must answer 200 with exactly the streams
+    /// `expected` (`context` says when); returns the streams read.
+    fn assert_state(&self, base: &str, id: &str, expected: &[(String, Value)], context: &str) -> Vec<(String, Value)> {
+        let (status, body) = self.read(base, id);
+        assert_eq!(status, 200, "{context}: {}", excerpt(&body));
+        let found = streams_of(&body);
+        assert_streams(&found, expected, context);
+        found
     }
 
     fn read(&self, base: &str, id: &str) -> (u16, Value) {
@@ -914,157 +857,40 @@ impl Http {
 // The server process
 // ---------------------------------------------------------------------------
 
-/// One running `highwater serve`; killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-    /// Every line of its standard error so far.
-    log: Arc<Mutex<Vec<String>>>,
-    drain: Option<JoinHandle<()>>,
+/// Starts a server on `db` that must come up.
+fn serve(db: &Path) -> Server {
+    Server::start(&["--listen", "127.0.0.1:0", "--database-url", &format!("sqlite://{}", db.display())])
 }
 
-/// What a started server did first.
-enum Launch {
-    Listening(Server),
-    Exited { status: ExitStatus, after: Duration, log: String },
-}
-
-impl Server {
-    /// Starts a server on `db` that must come up.
-    fn start(db: &Path) -> Server {
-        match launch(db) {
-            Launch::Listening(server) => server,
-            Launch::Exited { status, log, .. } => {
-                panic!("highwater exited ({status}) instead of listening on {}:\n{log}", db.display())
-            }
-        }
-    }
-
-    fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// SIGTERM, then waits for the exit.
-    fn stop(mut self) -> ExitStatus {
-        run("kill", &["-TERM", &self.child.id().to_string()]);
-        let status = wait_for_exit(&mut self.child, EXIT_TIMEOUT)
-            .unwrap_or_else(|| panic!("highwater did not exit within {EXIT_TIMEOUT:?} of SIGTERM"));
-        self.join_drain();
-        status
-    }
-
-    /// SIGKILL, then waits for the exit.
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL highwater");
-        self.child.wait().expect("wait for highwater");
-        self.join_drain();
-    }
-
-    fn join_drain(&mut self) {
-        if let Some(drain) = self.drain.take() {
-            drain.join().expect("the stderr reader thread");
-        }
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        let log = self.log.lock().expect("log lock");
-        log[log.len().saturating_sub(lines)..].join("\n")
-    }
-
-    /// Log lines at WARN or ERROR.
-    fn warnings(&self) -> Vec<String> {
-        self.log
-            .lock()
-            .expect("log lock")
-            .iter()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|event| matches!(event["level"].as_str(), Some("WARN" | "ERROR")))
-            .map(|event| {
-                let mut text = event["message"].as_str().unwrap_or_default().to_owned();
-                for key in ["error", "cause"] {
-                    if let Some(detail) = event[key].as_str() {
-                        text = format!("{text}: {detail}");
-                    }
-                }
-                text
-            })
-            .collect()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Starts `highwater serve` on `db` and waits for its listening line or its
-/// exit, whichever comes first.
+/// Starts a server on `db`; it may listen or exit.
 fn launch(db: &Path) -> Launch {
-    let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_highwater"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--database-url"])
-        .arg(format!("sqlite://{}", db.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn highwater");
-    let stderr = child.stderr.take().expect("piped stderr");
-    let log: Arc<Mutex<Vec<String>>> = Arc::default();
-    let (address_tx, address_rx) = mpsc::channel();
-    let drain = {
-        let log = Arc::clone(&log);
-        thread::spawn(move || drain_stderr(stderr, &address_tx, &log))
-    };
-    match address_rx.recv_timeout(STARTUP_TIMEOUT) {
-        Ok(address) => Launch::Listening(Server { child, base: format!("http://{address}"), log, drain: Some(drain) }),
-        // The pipe closed without a listening line: the process is exiting.
-        Err(RecvTimeoutError::Disconnected) => {
-            let status = wait_for_exit(&mut child, EXIT_TIMEOUT).unwrap_or_else(|| {
-                let _ = child.kill();
-                panic!("highwater closed its standard error but did not exit")
-            });
-            let after = started.elapsed();
-            drain.join().expect("the stderr reader thread");
-            let log = log.lock().expect("log lock").join("\n");
-            Launch::Exited { status, after, log }
-        }
-        Err(RecvTimeoutError::Timeout) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            let log = log.lock().expect("log lock").join("\n");
-            panic!("highwater neither listened nor exited within {STARTUP_TIMEOUT:?}:\n{log}")
-        }
-    }
+    Server::launch(&["--listen", "127.0.0.1:0", "--database-url", &format!("sqlite://{}", db.display())])
 }
 
-fn drain_stderr(stderr: std::process::ChildStderr, address_tx: &mpsc::Sender<String>, log: &Mutex<Vec<String>>) {
-    let mut reader = BufReader::new(stderr);
-    let mut buf = Vec::new();
-    let mut announced = false;
-    loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
-        if !announced {
-            if let Ok(event) = serde_json::from_str::<Value>(&line) {
-                if event["message"] == "highwater listening" {
-                    if let Some(address) = event["address"].as_str() {
-                        announced = true;
-                        let _ = address_tx.send(address.to_owned());
-                    }
+/// SIGTERM; the server must exit 0.
+fn stop_cleanly(server: Server) {
+    let exit = server.stop();
+    assert!(exit.success(), "highwater exited with {exit} after SIGTERM");
+}
+
+/// A server's log lines at WARN or ERROR.
+fn warnings(server: &Server) -> Vec<String> {
+    server
+        .notable()
+        .lines()
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|event| matches!(event["level"].as_str(), Some("WARN" | "ERROR")))
+        .map(|event| {
+            let mut text = event["message"].as_str().unwrap_or_default().to_owned();
+            for key in ["error", "cause"] {
+                if let Some(detail) = event[key].as_str() {
+                    text = format!("{text}: {detail}");
                 }
             }
-        }
-        log.lock().expect("log lock").push(line);
-    }
+            text
+        })
+        .collect()
 }
 
 /// The text of the ERROR lines of a log (the start-up failure), or the
@@ -1080,19 +906,6 @@ fn error_message(log: &str) -> String {
         log.to_owned()
     } else {
         errors.join(" | ")
-    }
-}
-
-fn wait_for_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().expect("poll the child") {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        thread::sleep(POLL);
     }
 }
 

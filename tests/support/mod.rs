@@ -3,8 +3,11 @@
 //! created on the server at `HIGHWATER_TEST_POSTGRES_URL`, default
 //! `postgres://postgres@127.0.0.1:5432/postgres`, and dropped afterwards).
 //! A Postgres run that cannot reach the server fails; it never skips.
+//! [`server`] runs the `highwater serve` binary.
 
 #![allow(dead_code)]
+
+pub mod server;
 
 use std::sync::Arc;
 
@@ -39,6 +42,12 @@ impl TestDatabase {
                 Self { url, _dir: Some(dir), postgres: None }
             }
         }
+    }
+
+    /// A database on the PostgreSQL server whatever `HIGHWATER_TEST_BACKEND`
+    /// says, for the tests that need PostgreSQL itself.
+    pub async fn postgres_always() -> Self {
+        Self::postgres().await
     }
 
     async fn postgres() -> Self {
@@ -108,4 +117,15 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
         .unwrap_or_else(|e| panic!("PostgreSQL tests need a server at {url}: {e}"));
     tokio::spawn(connection);
     client
+}
+
+/// The revisions of connection `id` in a PostgreSQL database's `revisions`
+/// table, in order.
+pub async fn postgres_revisions(db: &tokio_postgres::Client, id: &str) -> Vec<i64> {
+    db.query("SELECT revision FROM revisions WHERE connection_id = $1 ORDER BY revision", &[&id])
+        .await
+        .expect("query revisions")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
 }
