@@ -204,3 +204,83 @@ fn describe_revisions(revisions: &[i64]) -> String {
         duplicates
     )
 }
+
+/// Read-modify-write through both nodes: each client reads a counter (and
+/// the revision from the ETag), writes counter + 1 with `expectedRevision`,
+/// and retries on 409. The final count must equal the acknowledged
+/// increments, and every 409 must have been a real conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs PostgreSQL: run with HIGHWATER_TEST_BACKEND=postgres and --include-ignored (as .ci/run does)"]
+async fn compare_and_swap_increments_through_two_nodes_count_exactly() {
+    const INCREMENTS_PER_CLIENT: u64 = 15;
+    const COUNTERS: usize = 8;
+    let database = TestDatabase::postgres_always().await;
+    let url = database.url_text();
+    let servers: Vec<Server> = (0..NODES)
+        .map(|_| Server::start(&["--listen", "127.0.0.1:0", "--database-url", &url, "--database-pool-size", POOL_SIZE]))
+        .collect();
+    let bases: Arc<Vec<String>> = Arc::new(servers.iter().map(|s| s.base_url().to_owned()).collect());
+    let id = ConnectionId::random().to_string();
+    let http = reqwest::Client::builder().timeout(CLIENT_TIMEOUT).build().expect("client");
+    let tasks: Vec<_> = (0..COUNTERS)
+        .map(|client| {
+            let (bases, id, http) = (Arc::clone(&bases), id.clone(), http.clone());
+            tokio::spawn(async move {
+                let (mut acked, mut conflicts) = (0u64, 0u64);
+                let mut attempt = 0usize;
+                while acked < INCREMENTS_PER_CLIENT {
+                    attempt += 1;
+                    let base = &bases[(client + attempt) % bases.len()];
+                    let read = http
+                        .post(format!("{base}/api/v1/state/get"))
+                        .header("content-type", "application/json")
+                        .body(json!({ "connectionId": id }).to_string())
+                        .send()
+                        .await
+                        .expect("get");
+                    let etag = read.headers()["etag"].to_str().expect("etag").trim_matches('"').to_owned();
+                    let revision: u64 = etag.parse().expect("numeric etag");
+                    let state: serde_json::Value = read.json().await.expect("state");
+                    let count = state["streamState"][0]["streamState"]["count"].as_u64().unwrap_or(0);
+                    let write = json!({
+                        "connectionId": id,
+                        "expectedRevision": revision,
+                        "connectionState": {"stateType": "stream", "streamState": [
+                            {"streamDescriptor": {"name": "counter"}, "streamState": {"count": count + 1}}]}
+                    });
+                    let answer = http
+                        .post(format!("{base}/api/v1/state/create_or_update"))
+                        .header("content-type", "application/json")
+                        .body(write.to_string())
+                        .send()
+                        .await
+                        .expect("write");
+                    match answer.status().as_u16() {
+                        200 => acked += 1,
+                        409 => {
+                            let body: serde_json::Value = answer.json().await.expect("409 body");
+                            let current = body["details"]["currentRevision"].as_u64().expect("currentRevision");
+                            assert_ne!(current, revision, "a 409 that was not a conflict: {body}");
+                            conflicts += 1;
+                        }
+                        other => panic!("unexpected status {other}"),
+                    }
+                }
+                (acked, conflicts)
+            })
+        })
+        .collect();
+    let (mut acked, mut conflicts) = (0, 0);
+    for task in tasks {
+        let (a, c) = task.await.expect("client");
+        acked += a;
+        conflicts += c;
+    }
+    let state = read_streams(&http, &bases[0], &id).await;
+    assert_eq!(state["counter"]["count"], json!(acked), "lost or doubled increments");
+    let db = support::connect(&url).await;
+    let revisions = support::postgres_revisions(&db, &id).await;
+    assert_eq!(revisions, (1..=acked as i64).collect::<Vec<_>>(), "revisions are not 1..={acked}");
+    drop(servers);
+    eprintln!("{acked} increments through {NODES} nodes, {conflicts} real conflicts retried");
+}
