@@ -14,6 +14,7 @@ mod schema;
 
 use std::any::Any;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -59,6 +60,32 @@ pub struct SqliteStore {
     cache: Arc<StateCache>,
     readers: Arc<Mutex<Vec<Connection>>>,
     read_permits: Semaphore,
+    /// Set when the background integrity check finds damage: from then on
+    /// nothing is written and health reports the store unavailable.
+    damaged: Arc<AtomicBool>,
+}
+
+/// Checks a large file page by page on a thread of its own, marking the
+/// store damaged if the check fails.
+fn check_in_background(path: &Path, damaged: Arc<AtomicBool>) {
+    let path = path.to_owned();
+    let spawned = thread::Builder::new().name("highwater-integrity-check".to_owned()).spawn(move || {
+        let shown = path.display().to_string();
+        let started = std::time::Instant::now();
+        let outcome = schema::open_reader(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|conn| schema::check_integrity(&conn, &shown).map_err(|e| e.to_string()));
+        match outcome {
+            Ok(()) => tracing::info!(path = %shown, elapsed_ms = started.elapsed().as_millis() as u64, "integrity check passed"),
+            Err(problem) => {
+                damaged.store(true, Ordering::SeqCst);
+                tracing::error!(path = %shown, %problem, "integrity check failed: refusing writes; restore from a backup");
+            }
+        }
+    });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "could not start the background integrity check");
+    }
 }
 
 impl SqliteStore {
@@ -66,6 +93,11 @@ impl SqliteStore {
     /// writer thread. Blocks; call it off the async runtime.
     pub fn open(path: &Path, migrate: bool, cache_bytes: usize) -> Result<Self, OpenError> {
         let writer = schema::open_writer(path, migrate)?;
+        let damaged = Arc::new(AtomicBool::new(false));
+        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        if size > schema::SYNC_CHECK_BYTES {
+            check_in_background(path, damaged.clone());
+        }
         let readers = (0..READERS)
             .map(|_| schema::open_reader(path))
             .collect::<Result<Vec<_>, _>>()
@@ -82,6 +114,7 @@ impl SqliteStore {
             cache: Arc::new(StateCache::new(cache_bytes)),
             readers: Arc::new(Mutex::new(readers)),
             read_permits: Semaphore::new(READERS),
+            damaged,
         })
     }
 
@@ -145,6 +178,9 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        if self.damaged.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(format!("{} failed its integrity check", self.path.display())));
+        }
         let (reply, answer) = oneshot::channel();
         let stopped = || StoreError::Unavailable("the SQLite writer has stopped".to_owned());
         let run: Work = Box::new(move |conn: &Connection| f(conn).map(|value| Box::new(value) as Output));
@@ -214,6 +250,9 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
+        if self.damaged.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(format!("{} failed its integrity check", self.path.display())));
+        }
         if self.writes.is_closed() {
             return Err(StoreError::Unavailable("the SQLite writer has stopped".to_owned()));
         }

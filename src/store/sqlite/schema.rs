@@ -50,6 +50,11 @@ pub enum OpenError {
 
 /// Opens the writer connection, checks the file is Highwater's and applies
 /// pending migrations.
+/// Files up to this size are checked page by page before serving; larger
+/// ones are checked in the background (see `SqliteStore::open`), so that
+/// start-up stays fast.
+pub const SYNC_CHECK_BYTES: u64 = 64 * 1024 * 1024;
+
 pub fn open_writer(path: &Path, apply: bool) -> Result<Connection, OpenError> {
     let shown = path.display().to_string();
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -58,7 +63,10 @@ pub fn open_writer(path: &Path, apply: bool) -> Result<Connection, OpenError> {
         OpenError::Open { source, .. } => not_writable(path, &shown, source),
         other => other,
     })?;
-    check_integrity(&conn, &shown)?;
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    if size <= SYNC_CHECK_BYTES {
+        check_integrity(&conn, &shown)?;
+    }
     let setup = |source| OpenError::Setup { path: shown.clone(), source };
     // WAL lets readers proceed beside the writer; FULL syncs the WAL on every
     // commit, so an acknowledged write survives a power cut.
@@ -112,7 +120,7 @@ fn check_ownership(conn: &Connection, path: &str) -> Result<(), OpenError> {
 
 /// Checks every page of an existing database before serving from it, so a
 /// damaged file is refused at start-up rather than failing requests later.
-fn check_integrity(conn: &Connection, path: &str) -> Result<(), OpenError> {
+pub fn check_integrity(conn: &Connection, path: &str) -> Result<(), OpenError> {
     let setup = |source| OpenError::Setup { path: path.to_owned(), source };
     let mut stmt = conn.prepare("PRAGMA quick_check").map_err(setup)?;
     let problems: Vec<String> = stmt.query_map([], |row| row.get(0)).and_then(Iterator::collect).map_err(setup)?;
