@@ -226,6 +226,11 @@ fn text(top: &Object<'_>, name: &str, errors: &mut Errors, required: bool, max_c
         return None;
     };
     match string(raw) {
+        // Stored as text by every backend; PostgreSQL text cannot hold NUL.
+        Some(value) if value.contains('\0') => {
+            errors.push(name, Some(raw), "must not contain the NUL character");
+            None
+        }
         Some(value) if value.chars().count() <= max_chars && !(required && value.is_empty()) => Some(value),
         Some(_) => {
             errors.push(name, Some(raw), &format!("must be 1 to {max_chars} characters"));
