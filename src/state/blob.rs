@@ -62,29 +62,37 @@ fn is_json_whitespace(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
-/// Removes JSON whitespace outside strings from valid JSON text.
-fn minify(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in bytes {
-        if in_string {
-            out.push(b);
-            if escaped {
-                escaped = false;
+/// Tells, byte by byte, whether JSON text is inside a string (quotes
+/// included), so scans can skip string contents.
+#[derive(Default)]
+pub(crate) struct StringTracker {
+    in_string: bool,
+    escaped: bool,
+}
+
+impl StringTracker {
+    /// Feeds the next byte; true when it belongs to a string.
+    pub(crate) fn inside(&mut self, b: u8) -> bool {
+        if self.in_string {
+            if self.escaped {
+                self.escaped = false;
             } else if b == b'\\' {
-                escaped = true;
+                self.escaped = true;
             } else if b == b'"' {
-                in_string = false;
+                self.in_string = false;
             }
-        } else if b == b'"' {
-            in_string = true;
-            out.push(b);
-        } else if !is_json_whitespace(b) {
-            out.push(b);
+            true
+        } else {
+            self.in_string = b == b'"';
+            self.in_string
         }
     }
+}
+
+/// Removes JSON whitespace outside strings from valid JSON text.
+fn minify(text: &str) -> String {
+    let mut strings = StringTracker::default();
+    let out: Vec<u8> = text.bytes().filter(|&b| strings.inside(b) || !is_json_whitespace(b)).collect();
     // Only ASCII whitespace bytes were dropped, never part of a multi-byte
     // character, so the text is still UTF-8; the fallback is unreachable.
     String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())

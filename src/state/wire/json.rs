@@ -8,27 +8,19 @@ use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use super::{DecodeError, DecodeLimits, FieldError};
+use crate::state::blob::StringTracker;
 use crate::state::Blob;
 
 /// Whether any array or object nests deeper than `limit`, found by one pass
 /// over the bytes before anything recursive sees them.
 pub(super) fn nesting_exceeds(bytes: &[u8], limit: usize) -> bool {
+    let mut strings = StringTracker::default();
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
     for &b in bytes {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
+        if strings.inside(b) {
             continue;
         }
         match b {
-            b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
                 if depth > limit {
