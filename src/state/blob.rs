@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 /// One entry's JSON value, as compact text. Cloning shares the text.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Blob(Arc<str>);
+pub struct Blob(Arc<String>);
 
 impl Blob {
     /// Takes JSON text that has already been checked to be one valid value
@@ -16,15 +16,16 @@ impl Blob {
     pub fn from_json(text: &str) -> Self {
         // The common case, compact text, is copied once.
         if !text.bytes().any(is_json_whitespace) {
-            return Self(Arc::from(text));
+            return Self(Arc::new(text.to_owned()));
         }
-        Self(minify(text).into())
+        Self(Arc::new(minify(text)))
     }
 
     /// Wraps text read back from storage, where only [`Blob::from_json`]'s
     /// output is ever written.
     pub fn from_stored(text: String) -> Self {
-        Self(text.into())
+        // Moved, not copied: stored states can be large.
+        Self(Arc::new(text))
     }
 
     /// The compact JSON text.

@@ -285,6 +285,12 @@ pub async fn apply(
                 let (state, positions) = advance(&base.state, &base.positions, &effects, after.revision, state_type);
                 Cached { state: Arc::new(state), positions: Arc::new(positions) }
             }
+            None if all_set(tx, &id_text, &effects).await? => {
+                // Every remaining entry was set by this write (a legacy write,
+                // say): the new state is known without reading it back.
+                let (state, positions) = advance(&StoredState::default(), &[], &effects, after.revision, state_type);
+                Cached { state: Arc::new(state), positions: Arc::new(positions) }
+            }
             None => {
                 // Read inside the transaction: the state this write made.
                 let rows = tx.query(READ_STATE, &[&id_text]).await.map_err(classify)?;
@@ -345,6 +351,13 @@ pub async fn entry_blob(
         .map_err(classify)?;
     let row = client.query_opt(&statement, &[&id.to_string(), &key.encode()]).await.map_err(classify)?;
     Ok(row.map(|row| Blob::from_stored(row.get(0))))
+}
+
+/// Whether every entry the connection has now was set by these effects.
+async fn all_set(tx: &impl GenericClient, id: &str, effects: &[crate::state::Effect]) -> Result<bool, StoreError> {
+    let sets = effects.iter().filter(|(_, effect)| effect.is_some()).count() as i64;
+    let row = tx.query_one("SELECT count(*) FROM entries WHERE connection_id = $1", &[&id]).await.map_err(classify)?;
+    Ok(row.get::<_, i64>(0) == sets)
 }
 
 async fn prepare(client: &impl GenericClient, sql: &str) -> Result<tokio_postgres::Statement, StoreError> {

@@ -150,7 +150,21 @@ pub fn apply(
                 let (state, positions) = advance(&base.state, &base.positions, &effects, revision, state_type);
                 Cached { state: Arc::new(state), positions: Arc::new(positions) }
             }
-            None => read_rows(conn, id, after)?,
+            None => {
+                // When every remaining entry was set by this write (a legacy
+                // write, say), the new state is known without reading it back.
+                let sets = effects.iter().filter(|(_, effect)| effect.is_some()).count();
+                let count: i64 = conn
+                    .prepare_cached("SELECT count(*) FROM entries WHERE connection_id = ?1")
+                    .and_then(|mut s| s.query_row([&id_text], |r| r.get(0)))
+                    .map_err(classify)?;
+                if count as usize == sets {
+                    let (state, positions) = advance(&StoredState::default(), &[], &effects, revision, state_type);
+                    Cached { state: Arc::new(state), positions: Arc::new(positions) }
+                } else {
+                    read_rows(conn, id, after)?
+                }
+            }
         };
         (Some(next.state.clone()), Update::Put(after.version(), next))
     } else {
