@@ -245,23 +245,15 @@ fn text(top: &Object<'_>, name: &str, errors: &mut Errors, required: bool, max_c
 
 /// `state/create_or_update(_safe)`: the Airbyte body plus the write fields.
 pub fn decode_write(body: &[u8], limits: DecodeLimits) -> Result<Decoded<StateWrite>, DecodeError> {
-    let mut failure = None;
-    let decoded = decode(body, limits, true, |top, errors| match top.get("connectionState") {
+    decode(body, limits, true, |top, errors| match top.get("connectionState") {
         None => {
             errors.push("connectionState", None, "is required");
             None
         }
-        Some(raw) => super::json::object(raw, "connectionState", errors).and_then(|state| {
-            state_write(&state, limits, errors).unwrap_or_else(|limit| {
-                failure = Some(limit);
-                None
-            })
-        }),
-    });
-    match failure {
-        Some(limit) => Err(limit),
-        None => decoded,
-    }
+        Some(raw) => {
+            super::json::object(raw, "connectionState", errors).and_then(|state| state_write(&state, limits, errors))
+        }
+    })
 }
 
 /// `state/get`: `{connectionId, revision?}`.

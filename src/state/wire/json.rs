@@ -158,11 +158,16 @@ impl Errors {
         self.found.len() + usize::from(self.exceeded.is_some())
     }
 
+    /// Records an exceeded limit; reported instead of any field error.
+    pub(super) fn exceed(&mut self, limit: DecodeError) {
+        self.exceeded.get_or_insert(limit);
+    }
+
     /// Records JSON that the first pass accepted but that cannot be read
     /// (a member name with a lone surrogate escape, say): a syntax error.
     pub(super) fn unreadable(&mut self, path: &str, error: &serde_json::Error) {
         let at = if path.is_empty() { String::new() } else { format!(" in {path}") };
-        self.exceeded.get_or_insert(DecodeError::Syntax(format!("{error}{at}")));
+        self.exceed(DecodeError::Syntax(format!("{error}{at}")));
     }
 
     /// A blob, unless it is larger than the limit.
@@ -170,7 +175,7 @@ impl Errors {
         let size = raw.get().len();
         let limit = self.limits.max_blob_bytes;
         if size > limit {
-            self.exceeded.get_or_insert(DecodeError::BlobTooLarge { path: path.to_owned(), size, limit });
+            self.exceed(DecodeError::BlobTooLarge { path: path.to_owned(), size, limit });
             return None;
         }
         Some(Blob::from_json(raw.get()))
@@ -180,7 +185,7 @@ impl Errors {
     pub(super) fn name(&mut self, text: String, path: &str) -> Option<String> {
         let limit = self.limits.max_name_chars;
         if text.chars().count() > limit {
-            self.exceeded.get_or_insert(DecodeError::NameTooLong { path: path.to_owned(), limit });
+            self.exceed(DecodeError::NameTooLong { path: path.to_owned(), limit });
             return None;
         }
         Some(text)

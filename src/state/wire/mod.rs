@@ -125,16 +125,12 @@ fn connection_id(top: &Object<'_>, errors: &mut Errors) -> Option<ConnectionId> 
     id
 }
 
-fn state_write(
-    state: &Object<'_>,
-    limits: DecodeLimits,
-    errors: &mut Errors,
-) -> Result<Option<StateWrite>, DecodeError> {
+fn state_write(state: &Object<'_>, limits: DecodeLimits, errors: &mut Errors) -> Option<StateWrite> {
     const PATH: &str = "connectionState.stateType";
     let state_type = match state.get("stateType") {
         None => {
             errors.push(PATH, None, "is required");
-            return Ok(None);
+            return None;
         }
         Some(raw) => match string(raw).as_deref() {
             Some("not_set") => {
@@ -143,13 +139,13 @@ fn state_write(
                     Some(raw),
                     "not_set cannot be written; to clear a state, delete its entries with a write of its own type",
                 );
-                return Ok(None);
+                return None;
             }
             name => match name.and_then(StateType::parse) {
                 Some(state_type) => state_type,
                 None => {
                     errors.push(PATH, Some(raw), "must be one of legacy, global, stream, not_set");
-                    return Ok(None);
+                    return None;
                 }
             },
         },
@@ -162,22 +158,22 @@ fn state_write(
         }],
         StateType::Stream => {
             let path = "connectionState.streamState";
-            streams.read(state.get("streamState"), path, errors)?;
+            streams.read(state.get("streamState"), path, errors);
             streams.ops
         }
-        StateType::Global => global_ops(state, &mut streams, errors)?,
+        StateType::Global => global_ops(state, &mut streams, errors),
     };
-    Ok(Some(StateWrite { state_type, ops }))
+    Some(StateWrite { state_type, ops })
 }
 
-fn global_ops(state: &Object<'_>, streams: &mut StreamItems, errors: &mut Errors) -> Result<Vec<EntryOp>, DecodeError> {
+fn global_ops(state: &Object<'_>, streams: &mut StreamItems, errors: &mut Errors) -> Vec<EntryOp> {
     const PATH: &str = "connectionState.globalState";
     let Some(raw) = state.get("globalState") else {
         errors.push(PATH, None, "is required for a global state");
-        return Ok(Vec::new());
+        return Vec::new();
     };
     let Some(global) = object(raw, PATH, errors) else {
-        return Ok(Vec::new());
+        return Vec::new();
     };
     let shared = match (global.get("shared_state"), global.get("sharedState")) {
         (Some(_), Some(alias)) => {
@@ -189,9 +185,9 @@ fn global_ops(state: &Object<'_>, streams: &mut StreamItems, errors: &mut Errors
     };
     let mut ops = vec![EntryOp { key: EntryKey::Shared, blob: shared }];
     let path = "connectionState.globalState.streamStates";
-    streams.read(global.get("streamStates"), path, errors)?;
+    streams.read(global.get("streamStates"), path, errors);
     ops.append(&mut streams.ops);
-    Ok(ops)
+    ops
 }
 
 /// Collects stream items, refusing a stream named twice.
@@ -206,15 +202,16 @@ impl StreamItems {
         Self { limits, ops: Vec::new(), seen: HashMap::new() }
     }
 
-    fn read(&mut self, raw: Option<&RawValue>, path: &str, errors: &mut Errors) -> Result<(), DecodeError> {
+    fn read(&mut self, raw: Option<&RawValue>, path: &str, errors: &mut Errors) {
         let Some(raw) = raw.filter(|raw| !is_null(raw)) else {
-            return Ok(());
+            return;
         };
         let Some(items) = array(raw, path, errors) else {
-            return Ok(());
+            return;
         };
         if items.len() > self.limits.max_streams {
-            return Err(DecodeError::TooManyStreams { count: items.len(), limit: self.limits.max_streams });
+            errors.exceed(DecodeError::TooManyStreams { count: items.len(), limit: self.limits.max_streams });
+            return;
         }
         self.ops.reserve(items.len());
         for (i, item) in items.into_iter().enumerate() {
@@ -236,7 +233,6 @@ impl StreamItems {
             let blob = item.get("streamState").and_then(|raw| errors.blob(raw, &format!("{item_path}.streamState")));
             self.ops.push(EntryOp { key, blob });
         }
-        Ok(())
     }
 }
 
