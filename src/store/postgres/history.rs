@@ -3,7 +3,7 @@
 use deadpool_postgres::GenericClient;
 
 use super::classify;
-use super::queries::{decode_key, exec, header, now_and_lease};
+use super::queries::{decode_key, exec, header, header_now_and_lease};
 use crate::state::history::{History, Retention, RevisionInfo};
 use crate::state::ops::{lease_transition, Lease, LeaseOp};
 use crate::state::{ConnectionId, StateType};
@@ -74,7 +74,7 @@ pub async fn lease(
     token: String,
 ) -> Result<Option<Lease>, StoreError> {
     let id_text = id.to_string();
-    let (now_ms, current) = now_and_lease(tx, id).await?;
+    let (_, now_ms, current) = header_now_and_lease(tx, id).await?;
     let next = lease_transition(op, current.as_ref(), now_ms, || token)?;
     match &next {
         Some(lease) => {

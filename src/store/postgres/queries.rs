@@ -50,11 +50,6 @@ const FINISH_REVISION: &str = "WITH remaining AS ( \
      INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
      SELECT $1, $2, $5, state_type, $6, $7 FROM header RETURNING state_type";
 
-/// The database clock in Unix milliseconds, and the connection's lease row.
-const NOW_AND_LEASE: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint, \
-     l.holder, l.token, l.expires_at_ms \
-     FROM (SELECT 1) one LEFT JOIN leases l ON l.connection_id = $1";
-
 /// Reads the whole current state of a connection: when the cache may hold
 /// it, a look at the header first; otherwise one statement for everything.
 pub async fn read_state(
@@ -103,15 +98,36 @@ pub async fn header(client: &impl GenericClient, id: ConnectionId) -> Result<Opt
         .await
         .map_err(classify)?;
     let row = client.query_opt(&statement, &[&id.to_string()]).await.map_err(classify)?;
-    row.map(|row| {
-        Ok(Header {
-            state_type: parse_type(row.get(0), id)?,
-            revision: row.get::<_, i64>(1) as u64,
-            next_seq: row.get(2),
-            epoch: row.get(3),
-        })
-    })
-    .transpose()
+    row.map_or(Ok(None), |row| header_from(&row, id))
+}
+
+/// Reads `state_type, revision, next_seq, epoch` from a row's first
+/// columns; `None` when the connection has no row (a NULL revision).
+fn header_from(row: &tokio_postgres::Row, id: ConnectionId) -> Result<Option<Header>, StoreError> {
+    let Some(revision) = row.get::<_, Option<i64>>(1) else {
+        return Ok(None);
+    };
+    Ok(Some(Header {
+        state_type: parse_type(row.get(0), id)?,
+        revision: revision as u64,
+        next_seq: row.get(2),
+        epoch: row.get(3),
+    }))
+}
+
+/// The connection's row, the database clock (Unix ms) and the lease row
+/// (live or not), in one round trip.
+pub async fn header_now_and_lease(
+    client: &impl GenericClient,
+    id: ConnectionId,
+) -> Result<(Option<Header>, i64, Option<Lease>), StoreError> {
+    let statement = client.prepare_cached(HEADER_NOW_AND_LEASE).await.map_err(classify)?;
+    let row = client.query_one(&statement, &[&id.to_string()]).await.map_err(classify)?;
+    let lease = match (row.get::<_, Option<String>>(5), row.get::<_, Option<String>>(6), row.get(7)) {
+        (Some(holder), Some(token), Some(expires_at_ms)) => Some(Lease { holder, token, expires_at_ms }),
+        _ => None,
+    };
+    Ok((header_from(&row, id)?, row.get(4), lease))
 }
 
 /// The state as it was at `revision`, with each entry's position.
@@ -166,22 +182,8 @@ pub async fn apply(
     cache: &StateCache,
 ) -> Result<(Applied, Option<Update>), StoreError> {
     let id_text = id.to_string();
-    let statement = tx.prepare_cached(HEADER_NOW_AND_LEASE).await.map_err(classify)?;
-    let row = tx.query_one(&statement, &[&id_text]).await.map_err(classify)?;
-    let before = match row.get::<_, Option<i64>>(1) {
-        None => Header::default(),
-        Some(revision) => Header {
-            state_type: parse_type(row.get(0), id)?,
-            revision: revision as u64,
-            next_seq: row.get(2),
-            epoch: row.get(3),
-        },
-    };
-    let now_ms: i64 = row.get(4);
-    let lease = match (row.get::<_, Option<String>>(5), row.get::<_, Option<String>>(6), row.get(7)) {
-        (Some(holder), Some(token), Some(expires_at_ms)) => Some(Lease { holder, token, expires_at_ms }),
-        _ => None,
-    };
+    let (before, now_ms, lease) = header_now_and_lease(tx, id).await?;
+    let before = before.unwrap_or_default();
     let (stored_type, revision, mut next_seq) = (before.state_type, before.revision, before.next_seq);
     check_guard(&request.guard, revision, lease.as_ref().filter(|l| l.is_live(now_ms)))?;
     let context = match request.operation.needs() {
@@ -313,17 +315,6 @@ pub async fn apply(
         (None, Update::Defer { from: before.version(), to: after.version(), effects, state_type })
     };
     Ok((Applied { revision: after.revision, changed: true, state }, Some(update)))
-}
-
-/// The database's clock and the connection's lease row (live or not).
-pub async fn now_and_lease(client: &impl GenericClient, id: ConnectionId) -> Result<(i64, Option<Lease>), StoreError> {
-    let statement = client.prepare_cached(NOW_AND_LEASE).await.map_err(classify)?;
-    let row = client.query_one(&statement, &[&id.to_string()]).await.map_err(classify)?;
-    let lease = match (row.get::<_, Option<String>>(1), row.get::<_, Option<String>>(2), row.get(3)) {
-        (Some(holder), Some(token), Some(expires_at_ms)) => Some(Lease { holder, token, expires_at_ms }),
-        _ => None,
-    };
-    Ok((row.get(0), lease))
 }
 
 /// The keys of the current entries, in order.
