@@ -17,7 +17,13 @@ use crate::state::wire::{self, highwater};
 pub async fn get(State(app): State<AppState>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
     let request = highwater::decode_get(&body, app.limits.decode)?;
     let state = app.store.read_at(request.id, request.body).await?;
-    Ok(json_at(app.rendered.render(request.id, &state), state.revision))
+    // Only current states are worth keeping rendered; a past one would push
+    // the current one out.
+    let body = match request.body {
+        None => app.rendered.render(request.id, &state),
+        Some(_) => wire::render_state(request.id, &state).into(),
+    };
+    Ok(json_at(body, state.revision))
 }
 
 /// `POST /v1/state/create_or_update`: merge a write into the state. A live
