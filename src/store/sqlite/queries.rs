@@ -117,12 +117,14 @@ pub fn apply(
         let state = if request.return_state { Some(read_state(conn, id, cache)?.state) } else { None };
         return Ok((Applied { revision: before.revision, changed: false, state }, None));
     }
+    // Everything that can refuse has been checked: from here on only the
+    // storage can fail (see `Isolation::RefusesBeforeWriting`).
+    let keys = changed.iter().map(|change| decode_key(&change.key, id)).collect::<Result<Vec<_>, _>>()?;
     let revision = before.revision + 1;
     let mut next_seq = before.next_seq;
     let mut effects = Vec::with_capacity(changed.len());
-    for change in &changed {
+    for (change, key) in changed.iter().zip(keys) {
         let seq = record_change(conn, &id_text, revision, change, &mut next_seq)?;
-        let key = decode_key(&change.key, id)?;
         effects.push((key, change.blob.cloned().zip(seq)));
     }
     let remaining: bool = conn
