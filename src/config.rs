@@ -162,6 +162,7 @@ impl DatabaseArgs {
             connect_timeout: Duration::from_millis(self.database_timeout_ms),
             operation_timeout: Duration::from_millis(self.database_operation_timeout_ms),
             state_cache_bytes: (self.state_cache_mb as usize).saturating_mul(1024 * 1024),
+            exclusive: true,
         }
     }
 }

@@ -148,3 +148,30 @@ async fn sigterm_finishes_requests_in_flight_exits_zero_and_loses_nothing() {
     eprintln!("{} of 32 writes acknowledged around SIGTERM, all present", acknowledged.len());
     server.kill();
 }
+
+#[test]
+fn a_second_process_on_the_same_sqlite_file_is_refused_but_export_runs_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_arg(&dir);
+    let first = Server::start(&["--listen", "127.0.0.1:0", "--database-url", &db]);
+    // The first server is the file's only writer (its state cache relies on
+    // it): a second server, or an import, is refused and told why.
+    let output = Command::new(BIN).args(["serve", "--listen", "127.0.0.1:0", "--database-url", &db]).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("in use by another Highwater process"), "{stderr}");
+    let import = dir.path().join("empty.ndjson");
+    std::fs::write(&import, "").unwrap();
+    let output = Command::new(BIN)
+        .args(["import", "--database-url", &db, "--input", import.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("in use by another Highwater process"));
+    // An export only reads, so it runs beside the server.
+    let output = Command::new(BIN).args(["export", "--database-url", &db]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // Once the first has stopped, the file is free again.
+    assert!(first.stop().success());
+    Server::start(&["--listen", "127.0.0.1:0", "--database-url", &db]).kill();
+}

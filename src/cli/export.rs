@@ -19,7 +19,9 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     if let DatabaseUrl::Sqlite(path) = url {
         anyhow::ensure!(path.exists(), "there is no database at {} to export", path.display());
     }
-    let store = store::open(url, &args.database.open_options(false))
+    // Reads only, so it runs beside a server on the same file.
+    let options = store::OpenOptions { exclusive: false, ..args.database.open_options(false) };
+    let store = store::open(url, &options)
         .await
         .with_context(|| format!("cannot open {url} (--database-url / HIGHWATER_DATABASE_URL)"))?;
     let mut out: Box<dyn Write> = match &args.output {

@@ -3,10 +3,18 @@
 //!
 //! An entry is valid only for the exact version it was stored under: the
 //! connection's revision and its epoch (which changes when an import
-//! replaces the connection). Every use checks the version the database
-//! holds now, so the cache is correct with other writers on the same
-//! database (other nodes, `highwater import`); it only saves work. Entries
-//! are stored only after the write that produced them has committed.
+//! replaces the connection). Entries are stored only after the write that
+//! produced them has committed. It is used in one of two ways:
+//!
+//! - checked: every use compares the version the database holds now, so the
+//!   cache is correct with other writers on the same database (other nodes
+//!   on PostgreSQL); it only saves reading the entries.
+//! - authoritative: when this process is the database's only writer (the
+//!   SQLite store holds a lock on its file), every commit reaches the cache
+//!   in commit order through [`StateCache::committed`], so what it holds *is*
+//!   the current state and a read needs no database access at all. A state
+//!   read from the database is then kept only if no commit happened while it
+//!   was read ([`StateCache::commits`], [`StateCache::put_unless_committed_since`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -58,6 +66,8 @@ pub enum Update {
     /// state): apply them when the state is next read, so a burst of
     /// one-stream writes to a large state costs one rebuild, not one each.
     Defer { from: Version, to: Version, effects: Vec<Effect>, state_type: Option<StateType> },
+    /// The connection was replaced (an import): drop what is held.
+    Forget,
 }
 
 /// Effects waiting to be applied to a cached state, and the type after them.
@@ -70,6 +80,8 @@ struct Inner {
     /// Insertion order, oldest first; stale ids are skipped on eviction.
     order: VecDeque<(ConnectionId, Version)>,
     bytes: usize,
+    /// Commits reported through [`StateCache::committed`].
+    commits: u64,
 }
 
 impl StateCache {
@@ -82,37 +94,51 @@ impl StateCache {
     /// effects applied first.
     pub fn get(&self, id: ConnectionId, version: Version) -> Option<Cached> {
         let mut inner = self.inner.lock().ok()?;
-        let (at, cached, _) = inner.entries.get(&id)?;
+        let (at, _, _) = inner.entries.get(&id)?;
         if *at != version {
             return None;
         }
-        let cached = cached.clone();
-        let Some((effects, state_type)) = inner.pending.remove(&id) else {
-            return Some(cached);
-        };
-        let (state, positions) = advance(&cached.state, &cached.positions, &effects, version.revision, state_type);
-        let rebuilt = Cached { state: Arc::new(state), positions: Arc::new(positions) };
-        if let Some(slot) = inner.entries.get_mut(&id) {
-            slot.1 = rebuilt.clone();
-        }
-        Some(rebuilt)
+        inner.take(id)
+    }
+
+    /// What is held for `id`, at whatever version: the current state when
+    /// the cache is authoritative (see the module's documentation).
+    pub fn current(&self, id: ConnectionId) -> Option<Cached> {
+        self.inner.lock().ok()?.take(id)
     }
 
     /// Applies what a committed write did.
     pub fn update(&self, id: ConnectionId, update: Update) {
-        match update {
-            Update::Put(version, cached) => self.put(id, version, cached),
-            Update::Defer { from, to, effects, state_type } => {
-                let Ok(mut inner) = self.inner.lock() else {
-                    return;
-                };
-                let Some(slot) = inner.entries.get_mut(&id).filter(|(v, _, _)| *v == from) else {
-                    return;
-                };
-                slot.0 = to;
-                let pending = inner.pending.entry(id).or_insert_with(|| (Vec::new(), state_type));
-                pending.0.extend(effects);
-                pending.1 = state_type;
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.update(id, update, self.budget);
+        }
+    }
+
+    /// How many commits have been reported: read before a read transaction
+    /// starts and passed to [`Self::put_unless_committed_since`].
+    pub fn commits(&self) -> u64 {
+        self.inner.lock().map_or(0, |inner| inner.commits)
+    }
+
+    /// Reports one commit and what it did, in the order the writes were
+    /// applied, atomically with respect to every other use of the cache.
+    pub fn committed(&self, updates: impl IntoIterator<Item = (ConnectionId, Update)>) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        inner.commits += 1;
+        for (id, update) in updates {
+            inner.update(id, update, self.budget);
+        }
+    }
+
+    /// [`Self::put`], unless a commit was reported after `since` was read
+    /// from [`Self::commits`]: the state read may then be older than one the
+    /// cache has been told about, or than the database's.
+    pub fn put_unless_committed_since(&self, id: ConnectionId, version: Version, cached: Cached, since: u64) {
+        if let Ok(mut inner) = self.inner.lock() {
+            if inner.commits == since {
+                inner.put(id, version, cached, self.budget);
             }
         }
     }
@@ -126,46 +152,89 @@ impl StateCache {
     /// oldest entries beyond the budget. A state larger than a quarter of
     /// the budget is not kept.
     pub fn put(&self, id: ConnectionId, version: Version, cached: Cached) {
-        let size = weight(&cached.state);
-        if size > self.budget / 4 {
-            self.forget(id);
-            return;
-        }
-        let Ok(mut inner) = self.inner.lock() else {
-            return;
-        };
-        inner.pending.remove(&id);
-        if let Some((_, _, old)) = inner.entries.insert(id, (version, cached, size)) {
-            inner.bytes -= old;
-        }
-        inner.bytes += size;
-        inner.order.push_back((id, version));
-        while inner.bytes > self.budget {
-            let Some((oldest, at)) = inner.order.pop_front() else {
-                break;
-            };
-            if inner.entries.get(&oldest).is_some_and(|(v, _, _)| *v == at) {
-                if let Some((_, _, size)) = inner.entries.remove(&oldest) {
-                    inner.bytes -= size;
-                }
-                inner.pending.remove(&oldest);
-            }
-        }
-        // Keep the order queue from growing without bound under rewrites.
-        if inner.order.len() > 4 * inner.entries.len() + 64 {
-            let Inner { entries, order, .. } = &mut *inner;
-            order.retain(|(id, v)| entries.get(id).is_some_and(|(current, _, _)| current == v));
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.put(id, version, cached, self.budget);
         }
     }
 
     /// Drops what is cached for `id`.
     pub fn forget(&self, id: ConnectionId) {
         if let Ok(mut inner) = self.inner.lock() {
-            if let Some((_, _, size)) = inner.entries.remove(&id) {
-                inner.bytes -= size;
-            }
-            inner.pending.remove(&id);
+            inner.forget(id);
         }
+    }
+}
+
+impl Inner {
+    /// The entry of `id` with any deferred effects applied first.
+    fn take(&mut self, id: ConnectionId) -> Option<Cached> {
+        let (version, cached, _) = self.entries.get(&id)?;
+        let (revision, cached) = (version.revision, cached.clone());
+        let Some((effects, state_type)) = self.pending.remove(&id) else {
+            return Some(cached);
+        };
+        let (state, positions) = advance(&cached.state, &cached.positions, &effects, revision, state_type);
+        let rebuilt = Cached { state: Arc::new(state), positions: Arc::new(positions) };
+        if let Some(slot) = self.entries.get_mut(&id) {
+            slot.1 = rebuilt.clone();
+        }
+        Some(rebuilt)
+    }
+
+    fn update(&mut self, id: ConnectionId, update: Update, budget: usize) {
+        match update {
+            Update::Put(version, cached) => self.put(id, version, cached, budget),
+            Update::Defer { from, to, effects, state_type } => {
+                let Some(slot) = self.entries.get_mut(&id) else {
+                    return;
+                };
+                if slot.0 != from {
+                    // Held at another version than the write started from:
+                    // whatever it is, it is not the state after the write.
+                    self.forget(id);
+                    return;
+                }
+                slot.0 = to;
+                let pending = self.pending.entry(id).or_insert_with(|| (Vec::new(), state_type));
+                pending.0.extend(effects);
+                pending.1 = state_type;
+            }
+            Update::Forget => self.forget(id),
+        }
+    }
+
+    fn put(&mut self, id: ConnectionId, version: Version, cached: Cached, budget: usize) {
+        let size = weight(&cached.state);
+        if size > budget / 4 {
+            self.forget(id);
+            return;
+        }
+        self.pending.remove(&id);
+        if let Some((_, _, old)) = self.entries.insert(id, (version, cached, size)) {
+            self.bytes -= old;
+        }
+        self.bytes += size;
+        self.order.push_back((id, version));
+        while self.bytes > budget {
+            let Some((oldest, at)) = self.order.pop_front() else {
+                break;
+            };
+            if self.entries.get(&oldest).is_some_and(|(v, _, _)| *v == at) {
+                self.forget(oldest);
+            }
+        }
+        // Keep the order queue from growing without bound under rewrites.
+        if self.order.len() > 4 * self.entries.len() + 64 {
+            let Self { entries, order, .. } = self;
+            order.retain(|(id, v)| entries.get(id).is_some_and(|(current, _, _)| current == v));
+        }
+    }
+
+    fn forget(&mut self, id: ConnectionId) {
+        if let Some((_, _, size)) = self.entries.remove(&id) {
+            self.bytes -= size;
+        }
+        self.pending.remove(&id);
     }
 }
 
@@ -234,10 +303,38 @@ mod tests {
         assert_eq!(read.state.revision, 2);
         assert_eq!(read.state.entries.len(), 2);
         assert_eq!(*read.positions, [0, 5]);
-        // A deferral from a version the cache does not hold is ignored.
+        // A deferral from a version the cache does not hold drops the entry.
         let v9 = Version { revision: 9, epoch: 0 };
         cache.update(id, Update::Defer { from: V1, to: v9, effects: Vec::new(), state_type: None });
         assert!(cache.get(id, v9).is_none());
+    }
+
+    #[test]
+    fn a_state_read_while_a_commit_was_reported_is_not_kept() {
+        let cache = StateCache::new(1 << 20);
+        let id = ConnectionId::random();
+        let since = cache.commits();
+        cache.committed([(id, Update::Put(Version { revision: 2, epoch: 0 }, state(10)))]);
+        cache.put_unless_committed_since(id, V1, state(10), since);
+        assert_eq!(cache.current(id).unwrap().state.revision, 1, "the committed state stays");
+        let other = ConnectionId::random();
+        cache.put_unless_committed_since(other, V1, state(10), since);
+        assert!(cache.current(other).is_none());
+        cache.put_unless_committed_since(other, V1, state(10), cache.commits());
+        assert!(cache.current(other).is_some());
+    }
+
+    #[test]
+    fn a_deferral_from_another_version_drops_the_entry() {
+        let cache = StateCache::new(1 << 20);
+        let id = ConnectionId::random();
+        cache.put(id, V1, state(10));
+        let (v2, v3) = (Version { revision: 2, epoch: 0 }, Version { revision: 3, epoch: 0 });
+        cache.committed([(id, Update::Defer { from: v2, to: v3, effects: Vec::new(), state_type: None })]);
+        assert!(cache.current(id).is_none());
+        cache.put(id, V1, state(10));
+        cache.committed([(id, Update::Forget)]);
+        assert!(cache.current(id).is_none());
     }
 
     #[test]

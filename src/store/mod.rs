@@ -224,6 +224,9 @@ pub struct OpenOptions {
     pub operation_timeout: Duration,
     /// Memory for cached current states, in bytes.
     pub state_cache_bytes: usize,
+    /// Take the SQLite file's lock, so that no other process writes it while
+    /// this one runs (every command but `export`, which only reads).
+    pub exclusive: bool,
 }
 
 impl Default for OpenOptions {
@@ -234,6 +237,7 @@ impl Default for OpenOptions {
             connect_timeout: Duration::from_secs(3),
             operation_timeout: Duration::from_secs(30),
             state_cache_bytes: 32 * 1024 * 1024,
+            exclusive: true,
         }
     }
 }
@@ -243,9 +247,10 @@ pub async fn open(url: &DatabaseUrl, options: &OpenOptions) -> anyhow::Result<Ar
     match url {
         DatabaseUrl::Sqlite(path) => {
             let path = path.clone();
-            let (migrate, cache_bytes) = (options.migrate, options.state_cache_bytes);
+            let (migrate, cache_bytes, exclusive) = (options.migrate, options.state_cache_bytes, options.exclusive);
             let store =
-                tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path, migrate, cache_bytes)).await??;
+                tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path, migrate, cache_bytes, exclusive))
+                    .await??;
             Ok(Arc::new(store))
         }
         DatabaseUrl::Postgres(url) => {

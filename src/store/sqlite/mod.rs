@@ -3,9 +3,14 @@
 //! One thread owns the only writing connection and commits writes in
 //! groups: it takes every write waiting in its queue, applies each in turn
 //! (a refused write has written nothing; other jobs run inside their own
-//! savepoint), commits once, and only then answers each of them. Concurrent writers so share one fsync
-//! without any of them being acknowledged before it is durable. Reads run on
-//! a small pool of read-only connections and never wait for the writer.
+//! savepoint), commits once, and only then answers each of them.
+//! Concurrent writers so share one fsync without any of them being
+//! acknowledged before it is durable. Reads run on a small pool of read-only
+//! connections and never wait for the writer.
+//!
+//! A serving process holds a lock on the file, so it is the file's only
+//! writer: the writer thread reports every commit to the state cache in
+//! commit order, and a read of a cached state touches no database at all.
 
 mod checkpoint;
 mod dump;
@@ -26,7 +31,7 @@ use uuid::Uuid;
 
 pub use schema::OpenError;
 
-use super::cache::StateCache;
+use super::cache::{StateCache, Update};
 use super::dump::ConnectionDump;
 use super::{Applied, LoadOutcome, Store, StoreError};
 use crate::state::history::{History, Retention};
@@ -48,7 +53,14 @@ const WRITER_CACHE_KIB: i64 = 16 * 1024;
 /// of write; [`SqliteStore::submit`] restores the type.
 type Output = Box<dyn Any + Send>;
 type Reply = oneshot::Sender<Result<Output, StoreError>>;
-type Work = Box<dyn FnOnce(&Connection) -> Result<Output, StoreError> + Send>;
+type Work = Box<dyn FnOnce(&Connection) -> Result<Done, StoreError> + Send>;
+
+/// What a job did: its answer, and what its write does to the state cache
+/// once committed.
+struct Done {
+    output: Output,
+    cache: Option<(ConnectionId, Update)>,
+}
 
 /// One unit of work for the writer thread, answered after its group
 /// commits.
@@ -76,6 +88,11 @@ pub struct SqliteStore {
     writes: mpsc::Sender<WriteJob>,
     writer: Option<thread::JoinHandle<()>>,
     cache: Arc<StateCache>,
+    /// Whether this process holds the file's lock, so that the cache is
+    /// authoritative (see `StateCache`).
+    authoritative: bool,
+    /// The open file the lock is held on, kept for the store's lifetime.
+    _lock: Option<std::fs::File>,
     readers: Arc<Mutex<Vec<Connection>>>,
     read_permits: Semaphore,
     /// Set when the background integrity check finds damage: from then on
@@ -108,9 +125,12 @@ fn check_in_background(path: &Path, damaged: Arc<AtomicBool>) {
 
 impl SqliteStore {
     /// Opens the file, creating and migrating it when needed, and starts the
-    /// writer thread. Blocks; call it off the async runtime.
-    pub fn open(path: &Path, migrate: bool, cache_bytes: usize) -> Result<Self, OpenError> {
+    /// writer thread. With `exclusive`, takes the file's lock first and
+    /// fails if another process holds it. Blocks; call it off the async
+    /// runtime.
+    pub fn open(path: &Path, migrate: bool, cache_bytes: usize, exclusive: bool) -> Result<Self, OpenError> {
         let writer = schema::open_writer(path, migrate)?;
+        let lock = if exclusive { schema::lock(path)? } else { None };
         let setup = |source| OpenError::Setup { path: path.display().to_string(), source };
         writer.pragma_update(None, "cache_size", -WRITER_CACHE_KIB).map_err(setup)?;
         writer.pragma_update(None, "wal_autocheckpoint", checkpoint::WRITER_BACKSTOP_PAGES).map_err(setup)?;
@@ -125,15 +145,19 @@ impl SqliteStore {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| OpenError::Open { path: path.display().to_string(), source })?;
         let (writes, queue) = mpsc::channel(QUEUE_DEPTH);
+        let cache = Arc::new(StateCache::new(cache_bytes));
+        let reported = cache.clone();
         let writer = thread::Builder::new()
             .name("hw-sqlite-write".to_owned())
-            .spawn(move || write_loop(writer, queue, checkpointer))
+            .spawn(move || write_loop(writer, queue, checkpointer, &reported))
             .map_err(OpenError::Thread)?;
         Ok(Self {
             path: path.to_owned(),
             writes,
             writer: Some(writer),
-            cache: Arc::new(StateCache::new(cache_bytes)),
+            cache,
+            authoritative: lock.is_some(),
+            _lock: lock,
             readers: Arc::new(Mutex::new(readers)),
             read_permits: Semaphore::new(READERS),
             damaged,
@@ -194,27 +218,31 @@ impl SqliteStore {
     }
 
     /// Runs `f` on the writer thread, inside its own savepoint of the next
-    /// group commit, and answers once that commit is durable.
+    /// group commit, and answers once that commit is durable. For jobs that
+    /// do not change any connection's current state.
     async fn submit<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        self.submit_with(Isolation::Savepoint, f).await
+        self.submit_with(Isolation::Savepoint, move |conn| Ok((f(conn)?, None))).await
     }
 
-    /// [`Self::submit`] with the job's [`Isolation`] chosen by the caller.
+    /// [`Self::submit`] with the job's [`Isolation`] chosen by the caller,
+    /// for a job that also says what its write does to the state cache.
     async fn submit_with<T, F>(&self, isolation: Isolation, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<(T, Option<(ConnectionId, Update)>), StoreError> + Send + 'static,
     {
         if self.damaged.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable(format!("{} failed its integrity check", self.path.display())));
         }
         let (reply, answer) = oneshot::channel();
         let stopped = || StoreError::Unavailable("the SQLite writer has stopped".to_owned());
-        let run: Work = Box::new(move |conn: &Connection| f(conn).map(|value| Box::new(value) as Output));
+        let run: Work = Box::new(move |conn: &Connection| {
+            f(conn).map(|(value, cache)| Done { output: Box::new(value) as Output, cache })
+        });
         self.writes.send(WriteJob { run, reply, isolation }).await.map_err(|_| stopped())?;
         let output = answer.await.map_err(|_| stopped())??;
         output
@@ -228,20 +256,39 @@ impl SqliteStore {
 impl Store for SqliteStore {
     async fn read_at(&self, id: ConnectionId, at: Option<u64>) -> Result<Arc<StoredState>, StoreError> {
         if at.is_none() {
-            if let Some(state) = self.cached_current(id)? {
+            let cached = if self.authoritative {
+                self.cache.current(id).map(|cached| cached.state)
+            } else {
+                self.cached_current(id)?
+            };
+            if let Some(state) = cached {
                 return Ok(state);
             }
         }
+        // Read before the read transaction starts (see `StateCache`).
+        let since = self.cache.commits();
         let cache = self.cache.clone();
-        self.with_reader(move |conn| match at {
-            None => Ok(queries::read_state(conn, id, &cache)?.state),
-            Some(revision) => {
-                let (state_type, entries) = queries::state_at(conn, id, revision)?;
-                let entries = entries.into_iter().map(|(key, _, blob)| (key, blob)).collect();
-                Ok(Arc::new(StoredState { state_type, revision, entries }))
+        let (state, update) = self
+            .with_reader(move |conn| match at {
+                None => {
+                    let (current, update) = queries::read_state(conn, id, &cache)?;
+                    Ok((current.state, update))
+                }
+                Some(revision) => {
+                    let (state_type, entries) = queries::state_at(conn, id, revision)?;
+                    let entries = entries.into_iter().map(|(key, _, blob)| (key, blob)).collect();
+                    Ok((Arc::new(StoredState { state_type, revision, entries }), None))
+                }
+            })
+            .await?;
+        if let Some(Update::Put(version, cached)) = update {
+            if self.authoritative {
+                self.cache.put_unless_committed_since(id, version, cached, since);
+            } else {
+                self.cache.put(id, version, cached);
             }
-        })
-        .await
+        }
+        Ok(state)
     }
 
     async fn read_stream(&self, id: ConnectionId, stream: StreamDescriptor) -> Result<(u64, Option<Blob>), StoreError> {
@@ -255,16 +302,12 @@ impl Store for SqliteStore {
     async fn apply(&self, id: ConnectionId, request: WriteRequest) -> Result<Applied, StoreError> {
         let cache = self.cache.clone();
         // `queries::apply` checks everything that can refuse before its first write.
-        let (applied, next) = self
-            .submit_with(Isolation::RefusesBeforeWriting, move |conn| {
-                queries::apply(conn, id, &request, now_ms(), &cache)
-            })
-            .await?;
-        // Answered only after the commit, so the new state is committed.
-        if let Some(update) = next {
-            self.cache.update(id, update);
-        }
-        Ok(applied)
+        // The writer thread hands the cache update to the cache after the commit.
+        self.submit_with(Isolation::RefusesBeforeWriting, move |conn| {
+            let (applied, update) = queries::apply(conn, id, &request, now_ms(), &cache)?;
+            Ok((applied, update.map(|update| (id, update))))
+        })
+        .await
     }
 
     async fn history(&self, id: ConnectionId, limit: usize, before: Option<u64>) -> Result<History, StoreError> {
@@ -310,9 +353,10 @@ impl Store for SqliteStore {
 
     async fn load(&self, record: ConnectionDump, overwrite: bool) -> Result<LoadOutcome, StoreError> {
         let id = record.id;
-        let outcome = self.submit(move |conn| dump::load(conn, &record, overwrite)).await;
-        self.cache.forget(id);
-        outcome
+        self.submit_with(Isolation::Savepoint, move |conn| {
+            Ok((dump::load(conn, &record, overwrite)?, Some((id, Update::Forget))))
+        })
+        .await
     }
 }
 
@@ -332,7 +376,12 @@ impl Drop for SqliteStore {
 
 /// The writer thread: commits queued writes in groups until every sender
 /// is gone, then checkpoints the WAL.
-fn write_loop(mut conn: Connection, mut queue: mpsc::Receiver<WriteJob>, checkpointer: checkpoint::Checkpointer) {
+fn write_loop(
+    mut conn: Connection,
+    mut queue: mpsc::Receiver<WriteJob>,
+    checkpointer: checkpoint::Checkpointer,
+    cache: &StateCache,
+) {
     while let Some(first) = queue.blocking_recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -341,7 +390,7 @@ fn write_loop(mut conn: Connection, mut queue: mpsc::Receiver<WriteJob>, checkpo
                 Err(_) => break,
             }
         }
-        commit_group(&mut conn, group);
+        commit_group(&mut conn, group, cache);
         checkpointer.poke();
     }
     checkpointer.stop();
@@ -350,7 +399,7 @@ fn write_loop(mut conn: Connection, mut queue: mpsc::Receiver<WriteJob>, checkpo
     }
 }
 
-fn commit_group(conn: &mut Connection, group: Vec<WriteJob>) {
+fn commit_group(conn: &mut Connection, group: Vec<WriteJob>, cache: &StateCache) {
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
@@ -361,7 +410,7 @@ fn commit_group(conn: &mut Connection, group: Vec<WriteJob>) {
             return;
         }
     };
-    let mut answers: Vec<(Reply, Result<Output, StoreError>)> = Vec::with_capacity(group.len());
+    let mut answers: Vec<(Reply, Result<Done, StoreError>)> = Vec::with_capacity(group.len());
     let mut broken = None;
     let mut jobs = group.into_iter();
     for job in jobs.by_ref() {
@@ -398,10 +447,14 @@ fn commit_group(conn: &mut Connection, group: Vec<WriteJob>) {
             Err(error)
         }
     };
+    if committed.is_ok() {
+        // Before anyone is answered, and in the order the writes were made.
+        cache.committed(answers.iter_mut().filter_map(|(_, result)| result.as_mut().ok()?.cache.take()));
+    }
     for (reply, result) in answers {
         let result = match (&committed, result) {
             (Err(error), Ok(_)) => Err(error.clone()),
-            (_, result) => result,
+            (_, result) => result.map(|done| done.output),
         };
         // A client that went away no longer waits for its answer.
         let _ = reply.send(result);

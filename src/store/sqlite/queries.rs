@@ -13,15 +13,19 @@ use crate::store::cache::{Cached, Header, StateCache, Update};
 use crate::store::{Applied, StoreError};
 
 /// Reads the whole current state of a connection, from the cache when it
-/// holds the current version.
-pub fn read_state(conn: &Connection, id: ConnectionId, cache: &StateCache) -> Result<Cached, StoreError> {
+/// holds the current version. Returns what to cache when it was read from
+/// the rows; the caller decides whether it may (see `StateCache`).
+pub fn read_state(
+    conn: &Connection,
+    id: ConnectionId,
+    cache: &StateCache,
+) -> Result<(Cached, Option<Update>), StoreError> {
     let header = header(conn, &id.to_string())?.unwrap_or_default();
     if let Some(cached) = cache.get(id, header.version()) {
-        return Ok(cached);
+        return Ok((cached, None));
     }
     let cached = read_rows(conn, id, header)?;
-    cache.put(id, header.version(), cached.clone());
-    Ok(cached)
+    Ok((cached.clone(), Some(Update::Put(header.version(), cached))))
 }
 
 /// Reads the entries of a connection whose header was just read.
@@ -114,8 +118,11 @@ pub fn apply(
     let stored = stored_entries(conn, &id_text, &plan.ops)?;
     let changed = changes(&plan.ops, &plan.pinned_seqs, &stored);
     if changed.is_empty() {
-        let state = if request.return_state { Some(read_state(conn, id, cache)?.state) } else { None };
-        return Ok((Applied { revision: before.revision, changed: false, state }, None));
+        if !request.return_state {
+            return Ok((Applied { revision: before.revision, changed: false, state: None }, None));
+        }
+        let (current, update) = read_state(conn, id, cache)?;
+        return Ok((Applied { revision: before.revision, changed: false, state: Some(current.state) }, update));
     }
     // Everything that can refuse has been checked: from here on only the
     // storage can fail (see `Isolation::RefusesBeforeWriting`).

@@ -42,6 +42,14 @@ pub enum OpenError {
          and its -wal and -shm files next to it"
     )]
     ReadOnly { path: String },
+    #[error(
+        "{path} is in use by another Highwater process (a server, or an import or migration); \
+         one process at a time serves a SQLite database. Stop the other one, or use PostgreSQL \
+         to run several nodes"
+    )]
+    InUse { path: String },
+    #[error("cannot open {path} to lock it: {source}")]
+    Lock { path: String, source: std::io::Error },
     #[error("cannot start the SQLite writer thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot prepare the SQLite database {path}: {source}")]
@@ -75,6 +83,25 @@ pub fn open_writer(path: &Path, apply: bool) -> Result<Connection, OpenError> {
     conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(setup)?;
     migrate(&mut conn, &shown, apply)?;
     Ok(conn)
+}
+
+/// Takes the lock that makes this process the file's only writer (see
+/// `SqliteStore`), held while the returned file stays open. It is an `flock`
+/// on the database file itself, which SQLite's own (POSIX) locks ignore.
+/// `None`, with a warning, where the filesystem has no such locks: the
+/// store then checks the database on every read instead of trusting its
+/// cache.
+pub fn lock(path: &Path) -> Result<Option<std::fs::File>, OpenError> {
+    let shown = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|source| OpenError::Lock { path: shown.clone(), source })?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::InUse { path: shown }),
+        Err(std::fs::TryLockError::Error(error)) => {
+            tracing::warn!(path = %shown, %error, "cannot lock the database file; reads check the database for changes");
+            Ok(None)
+        }
+    }
 }
 
 /// Opens a read-only connection to a file [`open_writer`] has prepared.
