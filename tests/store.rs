@@ -78,16 +78,18 @@ async fn concurrent_writes_to_one_connection_get_distinct_consecutive_revisions(
             let store = store.clone();
             tokio::spawn(async move {
                 let name = format!("s{i}");
-                store
-                    .write(id, write(StateType::Stream, vec![stream(&name, Some("1"))]))
-                    .await
-                    .map(|state| state.revision)
+                store.write(id, write(StateType::Stream, vec![stream(&name, Some("1"))])).await
             })
         })
         .collect();
     let mut revisions = Vec::new();
     for task in tasks {
-        revisions.push(task.await.unwrap().unwrap());
+        let state = task.await.unwrap().unwrap();
+        // Each write adds one stream, so the state it answers with holds as
+        // many streams as its revision: every earlier write's, even those
+        // committed in the same group.
+        assert_eq!(state.entries.len() as u64, state.revision);
+        revisions.push(state.revision);
     }
     revisions.sort_unstable();
     assert_eq!(revisions, (1..=64).collect::<Vec<u64>>());

@@ -70,6 +70,33 @@ pub enum Update {
     Forget,
 }
 
+/// The states the writes of one group commit produced, by connection, for
+/// the writer that applies them: a later write to the same connection in
+/// the group starts from the state an earlier one produced instead of
+/// reading it back (the cache learns of them only after the commit).
+#[derive(Default)]
+pub struct GroupStates(HashMap<ConnectionId, (Version, Cached)>);
+
+impl GroupStates {
+    /// The state `id` had at `version` within the group, if a write in it
+    /// produced that state.
+    pub fn get(&self, id: ConnectionId, version: Version) -> Option<Cached> {
+        self.0.get(&id).filter(|(at, _)| *at == version).map(|(_, cached)| cached.clone())
+    }
+
+    /// Records what a write of the group did.
+    pub fn note(&mut self, id: ConnectionId, update: &Update) {
+        match update {
+            Update::Put(version, cached) => {
+                self.0.insert(id, (*version, cached.clone()));
+            }
+            Update::Defer { .. } | Update::Forget => {
+                self.0.remove(&id);
+            }
+        }
+    }
+}
+
 /// Effects waiting to be applied to a cached state, and the type after them.
 type Pending = (Vec<Effect>, Option<StateType>);
 
@@ -195,9 +222,16 @@ impl Inner {
                     return;
                 }
                 slot.0 = to;
+                let held = slot.1.state.entries.len();
                 let pending = self.pending.entry(id).or_insert_with(|| (Vec::new(), state_type));
                 pending.0.extend(effects);
                 pending.1 = state_type;
+                // Writes with no read between them must not pile up effects
+                // without bound: fold them in once they are an eighth of the
+                // state, which keeps the cost per write constant.
+                if pending.0.len() > (held / 8).max(64) {
+                    self.take(id);
+                }
             }
             Update::Forget => self.forget(id),
         }
@@ -335,6 +369,22 @@ mod tests {
         cache.put(id, V1, state(10));
         cache.committed([(id, Update::Forget)]);
         assert!(cache.current(id).is_none());
+    }
+
+    #[test]
+    fn effects_of_many_writes_without_a_read_are_folded_in() {
+        let cache = StateCache::new(1 << 20);
+        let id = ConnectionId::random();
+        cache.put(id, V1, state(10));
+        for revision in 1..=1000u64 {
+            let (from, to) = (Version { revision, epoch: 0 }, Version { revision: revision + 1, epoch: 0 });
+            let effects = vec![(EntryKey::Shared, Some((Blob::from_json(&revision.to_string()), 5)))];
+            cache.update(id, Update::Defer { from, to, effects, state_type: Some(StateType::Global) });
+        }
+        assert!(cache.inner.lock().unwrap().pending.get(&id).map_or(0, |p| p.0.len()) <= 64);
+        let read = cache.current(id).unwrap();
+        assert_eq!(read.state.revision, 1001);
+        assert_eq!(read.state.entries[1].1.as_str(), "1000");
     }
 
     #[test]

@@ -31,7 +31,7 @@ use uuid::Uuid;
 
 pub use schema::OpenError;
 
-use super::cache::{StateCache, Update};
+use super::cache::{GroupStates, StateCache, Update};
 use super::dump::ConnectionDump;
 use super::{Applied, LoadOutcome, Store, StoreError};
 use crate::state::history::{History, Retention};
@@ -44,16 +44,17 @@ const MAX_GROUP: usize = 256;
 const QUEUE_DEPTH: usize = 4096;
 /// Read-only connections kept open.
 const READERS: usize = 4;
-/// The writer's page cache, in KiB: enough for the B-tree pages a burst of
-/// writes to a thousand connections touches, so they are not read back
-/// from the file at every commit (measured: see bench/).
-const WRITER_CACHE_KIB: i64 = 16 * 1024;
+/// The writer's page cache, in KiB. Twice SQLite's default keeps more of
+/// the B-tree pages writes touch; larger costs more than it saves, because
+/// SQLite scans the cache's hash table at the end of every transaction
+/// (measured with bench/'s write loads: 2, 4, 8 and 16 MiB; 4 was best).
+const WRITER_CACHE_KIB: i64 = 4 * 1024;
 
 /// What a write job produces, type-erased so one queue carries every kind
 /// of write; [`SqliteStore::submit`] restores the type.
 type Output = Box<dyn Any + Send>;
 type Reply = oneshot::Sender<Result<Output, StoreError>>;
-type Work = Box<dyn FnOnce(&Connection) -> Result<Done, StoreError> + Send>;
+type Work = Box<dyn FnOnce(&Connection, &GroupStates) -> Result<Done, StoreError> + Send>;
 
 /// What a job did: its answer, and what its write does to the state cache
 /// once committed.
@@ -225,7 +226,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        self.submit_with(Isolation::Savepoint, move |conn| Ok((f(conn)?, None))).await
+        self.submit_with(Isolation::Savepoint, move |conn, _| Ok((f(conn)?, None))).await
     }
 
     /// [`Self::submit`] with the job's [`Isolation`] chosen by the caller,
@@ -233,15 +234,17 @@ impl SqliteStore {
     async fn submit_with<T, F>(&self, isolation: Isolation, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<(T, Option<(ConnectionId, Update)>), StoreError> + Send + 'static,
+        F: FnOnce(&Connection, &GroupStates) -> Result<(T, Option<(ConnectionId, Update)>), StoreError>
+            + Send
+            + 'static,
     {
         if self.damaged.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable(format!("{} failed its integrity check", self.path.display())));
         }
         let (reply, answer) = oneshot::channel();
         let stopped = || StoreError::Unavailable("the SQLite writer has stopped".to_owned());
-        let run: Work = Box::new(move |conn: &Connection| {
-            f(conn).map(|(value, cache)| Done { output: Box::new(value) as Output, cache })
+        let run: Work = Box::new(move |conn: &Connection, group: &GroupStates| {
+            f(conn, group).map(|(value, cache)| Done { output: Box::new(value) as Output, cache })
         });
         self.writes.send(WriteJob { run, reply, isolation }).await.map_err(|_| stopped())?;
         let output = answer.await.map_err(|_| stopped())??;
@@ -271,7 +274,7 @@ impl Store for SqliteStore {
         let (state, update) = self
             .with_reader(move |conn| match at {
                 None => {
-                    let (current, update) = queries::read_state(conn, id, &cache)?;
+                    let (current, update) = queries::read_state(conn, id, |version| cache.get(id, version))?;
                     Ok((current.state, update))
                 }
                 Some(revision) => {
@@ -303,8 +306,8 @@ impl Store for SqliteStore {
         let cache = self.cache.clone();
         // `queries::apply` checks everything that can refuse before its first write.
         // The writer thread hands the cache update to the cache after the commit.
-        self.submit_with(Isolation::RefusesBeforeWriting, move |conn| {
-            let (applied, update) = queries::apply(conn, id, &request, now_ms(), &cache)?;
+        self.submit_with(Isolation::RefusesBeforeWriting, move |conn, group| {
+            let (applied, update) = queries::apply(conn, id, &request, now_ms(), &cache, group)?;
             Ok((applied, update.map(|update| (id, update))))
         })
         .await
@@ -353,7 +356,7 @@ impl Store for SqliteStore {
 
     async fn load(&self, record: ConnectionDump, overwrite: bool) -> Result<LoadOutcome, StoreError> {
         let id = record.id;
-        self.submit_with(Isolation::Savepoint, move |conn| {
+        self.submit_with(Isolation::Savepoint, move |conn, _| {
             Ok((dump::load(conn, &record, overwrite)?, Some((id, Update::Forget))))
         })
         .await
@@ -412,17 +415,21 @@ fn commit_group(conn: &mut Connection, group: Vec<WriteJob>, cache: &StateCache)
     };
     let mut answers: Vec<(Reply, Result<Done, StoreError>)> = Vec::with_capacity(group.len());
     let mut broken = None;
+    let mut states = GroupStates::default();
     let mut jobs = group.into_iter();
     for job in jobs.by_ref() {
         let run = job.run;
         let result = match job.isolation {
             Isolation::Savepoint => tx.savepoint().map_err(classify).and_then(|savepoint| {
-                let output = run(&savepoint)?;
+                let output = run(&savepoint, &states)?;
                 savepoint.commit().map_err(classify)?;
                 Ok(output)
             }),
-            Isolation::RefusesBeforeWriting => run(&tx),
+            Isolation::RefusesBeforeWriting => run(&tx, &states),
         };
+        if let Ok(Done { cache: Some((id, update)), .. }) = &result {
+            states.note(*id, update);
+        }
         let failed_midway = match &result {
             Err(error) if job.isolation == Isolation::RefusesBeforeWriting => !matches!(error, StoreError::Refused(_)),
             _ => false,

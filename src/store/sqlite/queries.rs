@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::classify;
 use crate::state::ops::{check_guard, plan, Context, Lease, Needs, PastState, Refusal, WriteRequest};
 use crate::state::{advance, changes, Blob, Change, ConnectionId, EntryKey, EntryOp, StateType, StoredState};
-use crate::store::cache::{Cached, Header, StateCache, Update};
+use crate::store::cache::{Cached, GroupStates, Header, StateCache, Update, Version};
 use crate::store::{Applied, StoreError};
 
 /// Reads the whole current state of a connection, from the cache when it
@@ -18,10 +18,10 @@ use crate::store::{Applied, StoreError};
 pub fn read_state(
     conn: &Connection,
     id: ConnectionId,
-    cache: &StateCache,
+    known: impl Fn(Version) -> Option<Cached>,
 ) -> Result<(Cached, Option<Update>), StoreError> {
     let header = header(conn, &id.to_string())?.unwrap_or_default();
-    if let Some(cached) = cache.get(id, header.version()) {
+    if let Some(cached) = known(header.version()) {
         return Ok((cached, None));
     }
     let cached = read_rows(conn, id, header)?;
@@ -104,7 +104,9 @@ pub fn apply(
     request: &WriteRequest,
     now_ms: i64,
     cache: &StateCache,
+    group: &GroupStates,
 ) -> Result<(Applied, Option<Update>), StoreError> {
+    let known = |version| group.get(id, version).or_else(|| cache.get(id, version));
     let id_text = id.to_string();
     let before = header(conn, &id_text)?.unwrap_or_default();
     let lease = live_lease(conn, &id_text, now_ms)?;
@@ -121,7 +123,7 @@ pub fn apply(
         if !request.return_state {
             return Ok((Applied { revision: before.revision, changed: false, state: None }, None));
         }
-        let (current, update) = read_state(conn, id, cache)?;
+        let (current, update) = read_state(conn, id, known)?;
         return Ok((Applied { revision: before.revision, changed: false, state: Some(current.state) }, update));
     }
     // Everything that can refuse has been checked: from here on only the
@@ -154,7 +156,7 @@ pub fn apply(
     )?;
     let after = Header { state_type, revision, next_seq, epoch: before.epoch };
     let (state, update) = if request.return_state {
-        let next = match cache.get(id, before.version()) {
+        let next = match known(before.version()) {
             Some(base) => {
                 let (state, positions) = advance(&base.state, &base.positions, &effects, revision, state_type);
                 Cached { state: Arc::new(state), positions: Arc::new(positions) }
