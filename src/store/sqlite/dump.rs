@@ -4,6 +4,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
 use super::classify;
+use super::queries::{insert_change, StoredText};
 use crate::state::{Blob, ConnectionId, StateType};
 use crate::store::dump::{ChangeDump, ConnectionDump, RevisionDump};
 use crate::store::{LoadOutcome, StoreError};
@@ -72,7 +73,7 @@ pub fn read(conn: &Connection, id: ConnectionId) -> Result<Option<ConnectionDump
             Ok(ChangeDump {
                 revision: r.get::<_, i64>(0)? as u64,
                 key: r.get(1)?,
-                blob: r.get::<_, Option<String>>(2)?.map(Blob::from_stored),
+                blob: r.get::<_, Option<StoredText>>(2)?.map(|text| Blob::from_stored(text.0)),
                 seq: r.get(3)?,
             })
         })
@@ -121,15 +122,8 @@ pub fn load(conn: &Connection, dump: &ConnectionDump, overwrite: bool) -> Result
             .execute(params![id, r.revision as i64, r.created_at_ms, state_type, r.actor, r.reason])
             .map_err(classify)?;
     }
-    let mut change_row = conn
-        .prepare_cached(
-            "INSERT INTO changes (connection_id, revision, entry_key, blob, seq) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )
-        .map_err(classify)?;
     for c in &dump.changes {
-        change_row
-            .execute(params![id, c.revision as i64, c.key, c.blob.as_ref().map(Blob::as_str), c.seq])
-            .map_err(classify)?;
+        insert_change(conn, &id, c.revision as i64, &c.key, c.blob.as_ref().map(Blob::as_str), c.seq)?;
     }
     let mut entry_row = conn
         .prepare_cached("INSERT INTO entries (connection_id, entry_key, seq, revision) VALUES (?1, ?2, ?3, ?4)")
