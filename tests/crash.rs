@@ -259,7 +259,7 @@ fn plan(rng: &mut XorShift, model: &Model, writer: usize, seq: u64) -> (Kind, Ve
         _ => true,
     };
     if !possible {
-        kind = if roll % 2 == 0 { Kind::NewStream } else { Kind::NewStreams };
+        kind = if roll.is_multiple_of(2) { Kind::NewStream } else { Kind::NewStreams };
     }
     let new = |suffix: &str| format!("s{seq}{suffix}");
     let items = match kind {

@@ -91,7 +91,7 @@ fn error_shape_problem(status: u16, body: &str) -> Option<String> {
         return Some(format!("error body is not a JSON object: {body}"));
     };
     // `details` is an optional object of Airbyte's KnownExceptionInfo.
-    let details_ok = fields.get("details").map_or(true, Value::is_object);
+    let details_ok = fields.get("details").is_none_or(Value::is_object);
     let mut names: Vec<&str> = fields.keys().map(String::as_str).filter(|name| *name != "details").collect();
     names.sort_unstable();
     let message_ok = fields.get("message").and_then(Value::as_str).is_some_and(|m| !m.is_empty());
@@ -102,7 +102,7 @@ fn error_shape_problem(status: u16, body: &str) -> Option<String> {
                 && items.iter().all(|item| {
                     item.get("propertyPath").is_some_and(Value::is_string)
                         && item.get("message").is_some_and(Value::is_string)
-                        && item.get("invalidValue").map_or(true, Value::is_string)
+                        && item.get("invalidValue").is_none_or(Value::is_string)
                 })
         });
         if names == ["message", "validationErrors"] && message_ok && items_ok {
