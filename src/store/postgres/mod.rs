@@ -163,6 +163,34 @@ impl PostgresStore {
         .await
     }
 
+    /// Runs `work`, which opens, locks and commits a transaction of its own
+    /// on the client (see `queries::apply`), after queueing on this node's
+    /// lock for the same connection. A refusal is rolled back and the client
+    /// pooled again; after any other failure the client is closed, since
+    /// its session may still be inside the transaction.
+    async fn own_transaction<T, F>(&self, id: ConnectionId, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c Object) -> Work<'c, T> + Send + 'static,
+    {
+        let _queued = self.writers.lock(id).await;
+        let bounded = async {
+            let mut client = Guarded(Some(self.pool.get().await.map_err(pool_error)?), false);
+            let object = client.object()?;
+            let result = work(object).await;
+            let reusable = match &result {
+                Ok(_) => true,
+                Err(StoreError::Refused(_)) => object.batch_execute("ROLLBACK").await.is_ok(),
+                Err(_) => false,
+            };
+            client.1 = reusable;
+            result
+        };
+        tokio::time::timeout(self.operation_timeout, bounded).await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!("PostgreSQL did not answer within {:?}", self.operation_timeout)))
+        })
+    }
+
     /// Runs `work` in a read-only repeatable-read transaction: one snapshot
     /// for several statements.
     async fn snapshot<T, F>(&self, work: F) -> Result<T, StoreError>
@@ -221,9 +249,12 @@ impl Store for PostgresStore {
 
     async fn apply(&self, id: ConnectionId, request: WriteRequest) -> Result<Applied, StoreError> {
         let cache = self.cache.clone();
-        let (applied, next) =
-            self.locked(id, move |tx| Box::pin(async move { queries::apply(tx, id, &request, &cache).await })).await?;
-        // `locked` returns after the commit, so the new state is committed.
+        let (applied, next) = self
+            .own_transaction(id, move |client| {
+                Box::pin(async move { queries::apply(client, id, lock_key(id), &request, &cache).await })
+            })
+            .await?;
+        // Answered after the commit, so the new state is committed.
         if let Some(update) = next {
             self.cache.update(id, update);
         }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use deadpool_postgres::GenericClient;
 
 use super::classify;
-use crate::state::ops::{check_guard, plan, Context, Lease, Needs, PastState, Refusal, WriteRequest};
+use crate::state::ops::{check_guard, plan, Context, Lease, Needs, Operation, PastState, Refusal, WriteRequest};
 use crate::state::{advance, changes, Blob, ConnectionId, EntryKey, StateType, StoredState};
 use crate::store::cache::{Cached, Header, StateCache, Update};
 use crate::store::{Applied, StoreError};
@@ -123,11 +123,19 @@ pub async fn header_now_and_lease(
 ) -> Result<(Option<Header>, i64, Option<Lease>), StoreError> {
     let statement = client.prepare_cached(HEADER_NOW_AND_LEASE).await.map_err(classify)?;
     let row = client.query_one(&statement, &[&id.to_string()]).await.map_err(classify)?;
+    header_now_and_lease_from(&row, id)
+}
+
+/// Reads a row of [`HEADER_NOW_AND_LEASE`].
+fn header_now_and_lease_from(
+    row: &tokio_postgres::Row,
+    id: ConnectionId,
+) -> Result<(Option<Header>, i64, Option<Lease>), StoreError> {
     let lease = match (row.get::<_, Option<String>>(5), row.get::<_, Option<String>>(6), row.get(7)) {
         (Some(holder), Some(token), Some(expires_at_ms)) => Some(Lease { holder, token, expires_at_ms }),
         _ => None,
     };
-    Ok((header_from(&row, id)?, row.get(4), lease))
+    Ok((header_from(row, id)?, row.get(4), lease))
 }
 
 /// The state as it was at `revision`, with each entry's position.
@@ -172,17 +180,63 @@ pub async fn state_at(client: &impl GenericClient, id: ConnectionId, revision: u
     Ok((state_type, entries))
 }
 
-/// Applies a write inside the caller's transaction, which already holds the
-/// connection's advisory lock. Returns what to tell the caller and, when
-/// the new state is known, what to cache once the transaction commits.
+/// The stored blob and position of the listed keys of one connection.
+const STORED_ENTRIES: &str = "SELECT e.entry_key, ch.blob, e.seq FROM entries e \
+     JOIN changes ch ON ch.connection_id = e.connection_id \
+      AND ch.revision = e.revision AND ch.entry_key = e.entry_key \
+     WHERE e.connection_id = $1 AND e.entry_key = ANY($2)";
+
+/// The keys a write will look up, when they are known before the stored
+/// type is: those of its plan against an empty connection, and the legacy
+/// entry a typed write may replace.
+fn likely_keys(operation: &Operation) -> Option<Vec<String>> {
+    if operation.needs() != Needs::Nothing {
+        return None;
+    }
+    let plan = plan(operation, None, &Context::default()).ok()?;
+    Some(plan.ops.iter().map(|op| op.key.encode()).chain([EntryKey::Legacy.encode()]).collect())
+}
+
+/// Applies a write in a transaction of its own on `client`, which must not
+/// be in one, taking the connection's advisory lock (`lock_key`) first, and
+/// commits it. Returns what to tell the caller and, when the new state is
+/// known, what to cache (the transaction has committed by then).
+///
+/// Statements are pipelined: BEGIN, the lock, the header and the stored
+/// entries of the keys the write will most likely touch go in one round
+/// trip; the entry changes, the revision and COMMIT in another. A refusal
+/// returns `StoreError::Refused` with the transaction still open and
+/// nothing written: the caller rolls it back. After any other error the
+/// client's session is in an unknown state and must not be reused.
 pub async fn apply(
-    tx: &deadpool_postgres::Transaction<'_>,
+    client: &impl GenericClient,
     id: ConnectionId,
+    lock_key: i64,
     request: &WriteRequest,
     cache: &StateCache,
 ) -> Result<(Applied, Option<Update>), StoreError> {
     let id_text = id.to_string();
-    let (before, now_ms, lease) = header_now_and_lease(tx, id).await?;
+    let lock = prepare(client, "SELECT pg_advisory_xact_lock($1)").await?;
+    let header_statement = prepare(client, HEADER_NOW_AND_LEASE).await?;
+    let entries_statement = prepare(client, STORED_ENTRIES).await?;
+    let likely = likely_keys(&request.operation);
+    let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&lock_key];
+    let id_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id_text];
+    let (_, _, header_row, likely_rows) = tokio::try_join!(
+        biased;
+        client.batch_execute("BEGIN"),
+        client.execute(&lock, &lock_params),
+        client.query_one(&header_statement, &id_params),
+        async {
+            match &likely {
+                Some(keys) => client.query(&entries_statement, &[&id_text, keys]).await.map(Some),
+                None => Ok(None),
+            }
+        },
+    )
+    .map_err(classify)?;
+    let (before, now_ms, lease) = header_now_and_lease_from(&header_row, id)?;
+    let tx = client;
     let before = before.unwrap_or_default();
     let (stored_type, revision, mut next_seq) = (before.state_type, before.revision, before.next_seq);
     check_guard(&request.guard, revision, lease.as_ref().filter(|l| l.is_live(now_ms)))?;
@@ -195,25 +249,16 @@ pub async fn apply(
     };
     let plan = plan(&request.operation, stored_type, &context)?;
     let keys: Vec<String> = plan.ops.iter().map(|op| op.key.encode()).collect();
-    let statement = tx
-        .prepare_cached(
-            "SELECT e.entry_key, ch.blob, e.seq FROM entries e \
-             JOIN changes ch ON ch.connection_id = e.connection_id \
-              AND ch.revision = e.revision AND ch.entry_key = e.entry_key \
-             WHERE e.connection_id = $1 AND e.entry_key = ANY($2)",
-        )
-        .await
-        .map_err(classify)?;
-    let stored: HashMap<String, (String, i64)> = tx
-        .query(&statement, &[&id_text, &keys])
-        .await
-        .map_err(classify)?
-        .into_iter()
-        .map(|row| (row.get(0), (row.get(1), row.get(2))))
-        .collect();
+    let rows = match (likely_rows, &likely) {
+        (Some(rows), Some(likely)) if keys.iter().all(|key| likely.contains(key)) => rows,
+        _ => tx.query(&entries_statement, &[&id_text, &keys]).await.map_err(classify)?,
+    };
+    let stored: HashMap<String, (String, i64)> =
+        rows.into_iter().map(|row| (row.get(0), (row.get(1), row.get(2)))).collect();
     let changed = changes(&plan.ops, &plan.pinned_seqs, &stored);
     if changed.is_empty() {
         let state = if request.return_state { Some(read_state(tx, id, cache).await?.state) } else { None };
+        tx.batch_execute("COMMIT").await.map_err(classify)?;
         return Ok((Applied { revision, changed: false, state }, None));
     }
 
@@ -260,7 +305,11 @@ pub async fn apply(
         [&id_text, &revision, &changed_keys, &blobs, &seqs];
     let finish_params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] =
         [&id_text, &revision, &next_seq, &state_type, &now_ms, &request.meta.actor, &request.meta.reason];
-    let (_, _, _, _, row) = tokio::try_join!(
+    // COMMIT goes with the changes unless the new state must be read back
+    // inside the transaction first (not cached, and the caller wants it).
+    let base = if request.return_state { cache.get(id, before.version()) } else { None };
+    let commit_now = !request.return_state || base.is_some();
+    let (_, _, _, _, row, ()) = tokio::try_join!(
         biased;
         tx.execute(&record, &record_params),
         async {
@@ -277,12 +326,13 @@ pub async fn apply(
             if added.is_empty() { skip().await } else { tx.execute(&add, &[&id_text, &revision, &added, &added_seqs]).await }
         },
         tx.query_one(&finish, &finish_params),
+        async { if commit_now { tx.batch_execute("COMMIT").await } else { Ok(()) } },
     )
     .map_err(classify)?;
     let state_type = parse_type(row.get(0), id)?;
     let after = Header { state_type, revision: revision as u64, next_seq, epoch: before.epoch };
     let (state, update) = if request.return_state {
-        let next = match cache.get(id, before.version()) {
+        let next = match base {
             Some(base) => {
                 let (state, positions) = advance(&base.state, &base.positions, &effects, after.revision, state_type);
                 Cached { state: Arc::new(state), positions: Arc::new(positions) }
@@ -314,6 +364,9 @@ pub async fn apply(
     } else {
         (None, Update::Defer { from: before.version(), to: after.version(), effects, state_type })
     };
+    if !commit_now {
+        tx.batch_execute("COMMIT").await.map_err(classify)?;
+    }
     Ok((Applied { revision: after.revision, changed: true, state }, Some(update)))
 }
 
