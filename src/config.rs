@@ -70,12 +70,14 @@ pub struct Cli {
 pub enum Command {
     /// Serve the state API over HTTP.
     Serve(ServeArgs),
-    /// Create or upgrade the database schema, then exit.
+    /// Create or upgrade the database schema, then exit. A SQLite file
+    /// must not be in use by a running server.
     Migrate(DatabaseArgs),
     /// Write every connection (state and history) as NDJSON, for backups
-    /// and for moving between SQLite and PostgreSQL.
+    /// and for moving between SQLite and PostgreSQL. Runs beside a server.
     Export(ExportArgs),
-    /// Load connections from an export; each is stored atomically.
+    /// Load connections from an export; each is stored atomically. A SQLite
+    /// file must not be in use by a running server.
     Import(ImportArgs),
     /// Hash a password (read from standard input) or make a new API token,
     /// for the credentials file.
