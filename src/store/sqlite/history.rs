@@ -131,9 +131,11 @@ pub fn prune(conn: &Connection, id: ConnectionId, policy: Retention, now_ms: i64
     let keep_from = policy.oldest_kept(current, first_recent.map(|r| r as u64)) as i64;
     exec(
         conn,
-        "DELETE FROM changes WHERE connection_id = ?1 AND revision < ?2 AND EXISTS ( \
-           SELECT 1 FROM changes n WHERE n.connection_id = changes.connection_id \
-             AND n.entry_key = changes.entry_key AND n.revision > changes.revision AND n.revision <= ?2)",
+        // Older than the oldest kept revision and not a key's latest change
+        // up to it (SQLite takes the bare rowid from the row of the max).
+        "DELETE FROM changes WHERE connection_id = ?1 AND revision < ?2 AND rowid NOT IN ( \
+           SELECT rowid FROM (SELECT rowid, max(revision) FROM changes \
+             WHERE connection_id = ?1 AND revision <= ?2 GROUP BY entry_key))",
         params![id_text, keep_from],
     )?;
     exec(

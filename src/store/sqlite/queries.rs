@@ -77,11 +77,13 @@ pub fn state_at(conn: &Connection, id: ConnectionId, revision: u64) -> Result<Pa
         .map_err(classify)?;
     let mut stmt = conn
         .prepare_cached(
-            "SELECT c.entry_key, c.seq, c.blob FROM changes c \
-             WHERE c.connection_id = ?1 AND c.revision <= ?2 AND c.blob IS NOT NULL \
-             AND NOT EXISTS (SELECT 1 FROM changes n WHERE n.connection_id = c.connection_id \
-                 AND n.entry_key = c.entry_key AND n.revision > c.revision AND n.revision <= ?2) \
-             ORDER BY c.seq",
+            // Each key's latest change up to the revision, found through the
+            // primary key (connection, revision, key) without reading blobs.
+            "WITH latest AS (SELECT entry_key, max(revision) AS revision FROM changes \
+               WHERE connection_id = ?1 AND revision <= ?2 GROUP BY entry_key) \
+             SELECT c.entry_key, c.seq, c.blob FROM latest JOIN changes c \
+               ON c.connection_id = ?1 AND c.revision = latest.revision AND c.entry_key = latest.entry_key \
+             WHERE c.blob IS NOT NULL ORDER BY c.seq",
         )
         .map_err(classify)?;
     let rows = stmt.query_map(params![id_text, revision as i64], |row| {

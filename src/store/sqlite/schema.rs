@@ -9,7 +9,10 @@ use rusqlite::{Connection, OpenFlags};
 const APPLICATION_ID: i64 = 0x4857_5452;
 
 /// The migrations, in order; `PRAGMA user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[include_str!("../../../migrations/sqlite/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../../migrations/sqlite/0001_init.sql"),
+    include_str!("../../../migrations/sqlite/0002_drop_changes_by_key.sql"),
+];
 
 /// Why a database file cannot be used. Shown at start-up, so it names the
 /// file and what to do.
@@ -198,6 +201,27 @@ mod tests {
         drop(conn);
         // Opening again applies nothing and succeeds.
         open_writer(&path, true).unwrap();
+    }
+
+    #[test]
+    fn a_file_at_schema_1_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hw.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.pragma_update(None, "application_id", APPLICATION_ID).unwrap();
+        conn.execute("INSERT INTO connections (connection_id, revision, next_seq) VALUES ('c', 1, 1)", []).unwrap();
+        drop(conn);
+        let conn = open_writer(&path, true).unwrap();
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let index: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'changes_by_key'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(index, 0);
+        let kept: i64 = conn.query_row("SELECT count(*) FROM connections", [], |r| r.get(0)).unwrap();
+        assert_eq!(kept, 1);
     }
 
     #[test]

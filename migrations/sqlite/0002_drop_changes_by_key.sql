@@ -1,0 +1,11 @@
+-- Schema 2 (SQLite): drop the changes_by_key index.
+--
+-- Every write inserted one entry into it at the place of the key it
+-- changed; on a large connection written at random streams those inserts
+-- land on pages all over a growing index that no cache holds, and were
+-- most of what one-stream writes to a 10,000-stream connection cost beyond
+-- writes to a 1-stream one (bench/: state/stream/set 12.5k -> 17.3k/s on
+-- the large connection, 20.5k -> 22k/s on the small one). Reading a past
+-- state and pruning now group the connection's changes by key through the
+-- primary key instead (queries.rs state_at, history.rs prune).
+DROP INDEX IF EXISTS changes_by_key;
