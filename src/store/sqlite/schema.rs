@@ -11,7 +11,7 @@ const APPLICATION_ID: i64 = 0x4857_5452;
 /// The migrations, in order; `PRAGMA user_version` counts those applied.
 const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0001_init.sql"),
-    include_str!("../../../migrations/sqlite/0002_drop_changes_by_key.sql"),
+    include_str!("../../../migrations/sqlite/0002_fewer_write_indexes.sql"),
 ];
 
 /// Why a database file cannot be used. Shown at start-up, so it names the
@@ -216,10 +216,8 @@ mod tests {
         let conn = open_writer(&path, true).unwrap();
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
-        let index: i64 = conn
-            .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'changes_by_key'", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(index, 0);
+        let dropped = "SELECT count(*) FROM sqlite_master WHERE name IN ('changes_by_key', 'entries_in_order')";
+        assert_eq!(conn.query_row(dropped, [], |r| r.get::<_, i64>(0)).unwrap(), 0);
         let kept: i64 = conn.query_row("SELECT count(*) FROM connections", [], |r| r.get(0)).unwrap();
         assert_eq!(kept, 1);
     }
