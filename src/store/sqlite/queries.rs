@@ -36,19 +36,21 @@ fn read_rows(conn: &Connection, id: ConnectionId, header: Header) -> Result<Cach
             "SELECT e.entry_key, c.blob, e.seq FROM entries e \
              JOIN changes c ON c.connection_id = e.connection_id \
               AND c.revision = e.revision AND c.entry_key = e.entry_key \
-             WHERE e.connection_id = ?1 ORDER BY e.seq",
+             WHERE e.connection_id = ?1",
         )
         .map_err(classify)?;
     let rows = stmt.query_map([id.to_string()], |row| {
         Ok((row.get::<_, String>(0)?, row.get::<_, StoredText>(1)?.0, row.get::<_, i64>(2)?))
     });
-    let mut entries = Vec::new();
-    let mut positions = Vec::new();
+    let mut read = Vec::new();
     for row in rows.map_err(classify)? {
         let (key, blob, seq) = row.map_err(classify)?;
-        entries.push((decode_key(&key, id)?, Blob::from_stored(blob)));
-        positions.push(seq);
+        read.push((seq, decode_key(&key, id)?, Blob::from_stored(blob)));
     }
+    // Sorted here, not by SQLite: its sorter would copy every blob.
+    read.sort_unstable_by_key(|(seq, _, _)| *seq);
+    let (positions, entries): (Vec<i64>, Vec<(EntryKey, Blob)>) =
+        read.into_iter().map(|(seq, key, blob)| (seq, (key, blob))).unzip();
     let state = StoredState { state_type: header.state_type, revision: header.revision, entries };
     Ok(Cached { state: Arc::new(state), positions: Arc::new(positions) })
 }
@@ -83,7 +85,7 @@ pub fn state_at(conn: &Connection, id: ConnectionId, revision: u64) -> Result<Pa
                WHERE connection_id = ?1 AND revision <= ?2 GROUP BY entry_key) \
              SELECT c.entry_key, c.seq, c.blob FROM latest JOIN changes c \
                ON c.connection_id = ?1 AND c.revision = latest.revision AND c.entry_key = latest.entry_key \
-             WHERE c.blob IS NOT NULL ORDER BY c.seq",
+             WHERE c.blob IS NOT NULL",
         )
         .map_err(classify)?;
     let rows = stmt.query_map(params![id_text, revision as i64], |row| {
@@ -94,6 +96,8 @@ pub fn state_at(conn: &Connection, id: ConnectionId, revision: u64) -> Result<Pa
         let (key, seq, blob) = row.map_err(classify)?;
         entries.push((decode_key(&key, id)?, seq, Blob::from_stored(blob)));
     }
+    // Sorted here, not by SQLite: its sorter would copy every blob.
+    entries.sort_unstable_by_key(|(_, seq, _)| *seq);
     Ok((parse_type(state_type, &id_text)?, entries))
 }
 
