@@ -153,3 +153,15 @@ async fn sqlite_to_postgres_to_sqlite_reproduces_every_state_byte_for_byte() {
     let back = store::open(&c.parse().unwrap(), &Default::default()).await.unwrap();
     assert_eq!(rendered(back.as_ref(), &ids).await, expected);
 }
+
+#[test]
+fn an_import_of_a_missing_file_creates_no_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("new.db");
+    let url = format!("sqlite://{}", db.display());
+    let missing = dir.path().join("missing.ndjson");
+    let output = highwater(&["import", "--database-url", &url, "--input", missing.to_str().unwrap()]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot open"));
+    assert!(!db.exists(), "a mistyped input created {}", db.display());
+}

@@ -15,13 +15,14 @@ use crate::store::{self, LoadOutcome};
 
 pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     let url = &args.database.database_url;
-    let store = store::open(url, &args.database.open_options(true))
-        .await
-        .with_context(|| format!("cannot open {url} (--database-url / HIGHWATER_DATABASE_URL)"))?;
+    // The input first: a mistyped file name must not create a database.
     let input: Box<dyn Read> = match &args.input {
         Some(path) => Box::new(File::open(path).with_context(|| format!("cannot open {}", path.display()))?),
         None => Box::new(std::io::stdin().lock()),
     };
+    let store = store::open(url, &args.database.open_options(true))
+        .await
+        .with_context(|| format!("cannot open {url} (--database-url / HIGHWATER_DATABASE_URL)"))?;
     let mut reader = BufReader::with_capacity(1 << 20, input);
     let bar = progress::counter("imported");
     let (mut loaded, mut refused) = (0u64, Vec::new());
