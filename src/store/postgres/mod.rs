@@ -110,13 +110,18 @@ impl PostgresStore {
     where
         F: for<'c> FnOnce(&'c mut Object) -> Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'c>>,
     {
-        let bounded = async {
+        self.bounded(async {
             let mut client = Guarded(Some(self.pool.get().await.map_err(pool_error)?), false);
             let result = work(client.object()?).await;
             client.1 = true;
             result
-        };
-        tokio::time::timeout(self.operation_timeout, bounded).await.unwrap_or_else(|_| {
+        })
+        .await
+    }
+
+    /// Runs `operation` within the operation timeout.
+    async fn bounded<T>(&self, operation: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        tokio::time::timeout(self.operation_timeout, operation).await.unwrap_or_else(|_| {
             Err(StoreError::Unavailable(format!("PostgreSQL did not answer within {:?}", self.operation_timeout)))
         })
     }
@@ -174,21 +179,18 @@ impl PostgresStore {
         F: for<'c> FnOnce(&'c Object) -> Work<'c, T> + Send + 'static,
     {
         let _queued = self.writers.lock(id).await;
-        let bounded = async {
+        self.bounded(async {
             let mut client = Guarded(Some(self.pool.get().await.map_err(pool_error)?), false);
             let object = client.object()?;
             let result = work(object).await;
-            let reusable = match &result {
+            client.1 = match &result {
                 Ok(_) => true,
                 Err(StoreError::Refused(_)) => object.batch_execute("ROLLBACK").await.is_ok(),
                 Err(_) => false,
             };
-            client.1 = reusable;
             result
-        };
-        tokio::time::timeout(self.operation_timeout, bounded).await.unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(format!("PostgreSQL did not answer within {:?}", self.operation_timeout)))
         })
+        .await
     }
 
     /// Runs `work` in a read-only repeatable-read transaction: one snapshot

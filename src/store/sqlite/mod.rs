@@ -72,7 +72,7 @@ struct WriteJob {
 }
 
 /// How a job that fails is kept from leaving part of its work in the group.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Isolation {
     /// The job runs inside a savepoint of its own, rolled back if it fails.
     Savepoint,
@@ -89,11 +89,9 @@ pub struct SqliteStore {
     writes: mpsc::Sender<WriteJob>,
     writer: Option<thread::JoinHandle<()>>,
     cache: Arc<StateCache>,
-    /// Whether this process holds the file's lock, so that the cache is
-    /// authoritative (see `StateCache`).
-    authoritative: bool,
-    /// The open file the lock is held on, kept for the store's lifetime.
-    _lock: Option<std::fs::File>,
+    /// The open file the lock is held on, kept for the store's lifetime;
+    /// while it is held the cache is authoritative (see `StateCache`).
+    lock: Option<std::fs::File>,
     readers: Arc<Mutex<Vec<Connection>>>,
     read_permits: Semaphore,
     /// Set when the background integrity check finds damage: from then on
@@ -157,8 +155,7 @@ impl SqliteStore {
             writes,
             writer: Some(writer),
             cache,
-            authoritative: lock.is_some(),
-            _lock: lock,
+            lock,
             readers: Arc::new(Mutex::new(readers)),
             read_permits: Semaphore::new(READERS),
             damaged,
@@ -259,7 +256,7 @@ impl SqliteStore {
 impl Store for SqliteStore {
     async fn read_at(&self, id: ConnectionId, at: Option<u64>) -> Result<Arc<StoredState>, StoreError> {
         if at.is_none() {
-            let cached = if self.authoritative {
+            let cached = if self.lock.is_some() {
                 self.cache.current(id).map(|cached| cached.state)
             } else {
                 self.cached_current(id)?
@@ -285,7 +282,7 @@ impl Store for SqliteStore {
             })
             .await?;
         if let Some(Update::Put(version, cached)) = update {
-            if self.authoritative {
+            if self.lock.is_some() {
                 self.cache.put_unless_committed_since(id, version, cached, since);
             } else {
                 self.cache.put(id, version, cached);
@@ -430,13 +427,16 @@ fn commit_group(conn: &mut Connection, group: Vec<WriteJob>, cache: &StateCache)
         if let Ok(Done { cache: Some((id, update)), .. }) = &result {
             states.note(*id, update);
         }
-        let failed_midway = match &result {
-            Err(error) if job.isolation == Isolation::RefusesBeforeWriting => !matches!(error, StoreError::Refused(_)),
-            _ => false,
+        // A failure other than a refusal may have left part of the job written.
+        let failed_midway = match (&result, job.isolation) {
+            (Err(error), Isolation::RefusesBeforeWriting) if !matches!(error, StoreError::Refused(_)) => {
+                Some(error.clone())
+            }
+            _ => None,
         };
         answers.push((job.reply, result));
-        if failed_midway {
-            broken = answers.last().and_then(|(_, result)| result.as_ref().err().cloned());
+        if failed_midway.is_some() {
+            broken = failed_midway;
             break;
         }
     }
