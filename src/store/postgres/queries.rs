@@ -236,29 +236,28 @@ pub async fn apply(
     )
     .map_err(classify)?;
     let (before, now_ms, lease) = header_now_and_lease_from(&header_row, id)?;
-    let tx = client;
     let before = before.unwrap_or_default();
     let (stored_type, revision, mut next_seq) = (before.state_type, before.revision, before.next_seq);
     check_guard(&request.guard, revision, lease.as_ref().filter(|l| l.is_live(now_ms)))?;
     let context = match request.operation.needs() {
         Needs::Nothing => Context::default(),
-        Needs::CurrentKeys => Context { current_keys: current_keys(tx, id).await?, target: None },
+        Needs::CurrentKeys => Context { current_keys: current_keys(client, id).await?, target: None },
         Needs::Revision(at) => {
-            Context { target: Some(state_at(tx, id, at).await?), current_keys: current_keys(tx, id).await? }
+            Context { target: Some(state_at(client, id, at).await?), current_keys: current_keys(client, id).await? }
         }
     };
     let plan = plan(&request.operation, stored_type, &context)?;
     let keys: Vec<String> = plan.ops.iter().map(|op| op.key.encode()).collect();
     let rows = match (likely_rows, &likely) {
         (Some(rows), Some(likely)) if keys.iter().all(|key| likely.contains(key)) => rows,
-        _ => tx.query(&entries_statement, &[&id_text, &keys]).await.map_err(classify)?,
+        _ => client.query(&entries_statement, &[&id_text, &keys]).await.map_err(classify)?,
     };
     let stored: HashMap<String, (String, i64)> =
         rows.into_iter().map(|row| (row.get(0), (row.get(1), row.get(2)))).collect();
     let changed = changes(&plan.ops, &plan.pinned_seqs, &stored);
     if changed.is_empty() {
-        let state = if request.return_state { Some(read_state(tx, id, cache).await?.state) } else { None };
-        tx.batch_execute("COMMIT").await.map_err(classify)?;
+        let state = if request.return_state { Some(read_state(client, id, cache).await?.state) } else { None };
+        client.batch_execute("COMMIT").await.map_err(classify)?;
         return Ok((Applied { revision, changed: false, state }, None));
     }
 
@@ -295,11 +294,11 @@ pub async fn apply(
     // Prepared first (cached per connection), then sent together: one round
     // trip, and the server runs them in the order sent. Deletes come before
     // inserts: a restore may give a kept entry the place of one it removes.
-    let record = prepare(tx, RECORD_CHANGES).await?;
-    let delete = prepare(tx, DELETE_ENTRIES).await?;
-    let update = prepare(tx, UPDATE_ENTRIES).await?;
-    let add = prepare(tx, ADD_ENTRIES).await?;
-    let finish = prepare(tx, FINISH_REVISION).await?;
+    let record = prepare(client, RECORD_CHANGES).await?;
+    let delete = prepare(client, DELETE_ENTRIES).await?;
+    let update = prepare(client, UPDATE_ENTRIES).await?;
+    let add = prepare(client, ADD_ENTRIES).await?;
+    let finish = prepare(client, FINISH_REVISION).await?;
     let skip = || async { Ok::<u64, tokio_postgres::Error>(0) };
     let record_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
         [&id_text, &revision, &changed_keys, &blobs, &seqs];
@@ -311,22 +310,22 @@ pub async fn apply(
     let commit_now = !request.return_state || base.is_some();
     let (_, _, _, _, row, ()) = tokio::try_join!(
         biased;
-        tx.execute(&record, &record_params),
+        client.execute(&record, &record_params),
         async {
-            if deleted.is_empty() { skip().await } else { tx.execute(&delete, &[&id_text, &deleted]).await }
+            if deleted.is_empty() { skip().await } else { client.execute(&delete, &[&id_text, &deleted]).await }
         },
         async {
             if updated.is_empty() {
                 skip().await
             } else {
-                tx.execute(&update, &[&id_text, &revision, &updated, &updated_seqs]).await
+                client.execute(&update, &[&id_text, &revision, &updated, &updated_seqs]).await
             }
         },
         async {
-            if added.is_empty() { skip().await } else { tx.execute(&add, &[&id_text, &revision, &added, &added_seqs]).await }
+            if added.is_empty() { skip().await } else { client.execute(&add, &[&id_text, &revision, &added, &added_seqs]).await }
         },
-        tx.query_one(&finish, &finish_params),
-        async { if commit_now { tx.batch_execute("COMMIT").await } else { Ok(()) } },
+        client.query_one(&finish, &finish_params),
+        async { if commit_now { client.batch_execute("COMMIT").await } else { Ok(()) } },
     )
     .map_err(classify)?;
     let state_type = parse_type(row.get(0), id)?;
@@ -337,7 +336,7 @@ pub async fn apply(
                 let (state, positions) = advance(&base.state, &base.positions, &effects, after.revision, state_type);
                 Cached { state: Arc::new(state), positions: Arc::new(positions) }
             }
-            None if all_set(tx, &id_text, &effects).await? => {
+            None if all_set(client, &id_text, &effects).await? => {
                 // Every remaining entry was set by this write (a legacy write,
                 // say): the new state is known without reading it back.
                 let (state, positions) = advance(&StoredState::default(), &[], &effects, after.revision, state_type);
@@ -345,7 +344,7 @@ pub async fn apply(
             }
             None => {
                 // Read inside the transaction: the state this write made.
-                let rows = tx.query(READ_STATE, &[&id_text]).await.map_err(classify)?;
+                let rows = client.query(READ_STATE, &[&id_text]).await.map_err(classify)?;
                 let mut entries = Vec::with_capacity(rows.len());
                 let mut positions = Vec::with_capacity(rows.len());
                 for row in &rows {
@@ -365,7 +364,7 @@ pub async fn apply(
         (None, Update::Defer { from: before.version(), to: after.version(), effects, state_type })
     };
     if !commit_now {
-        tx.batch_execute("COMMIT").await.map_err(classify)?;
+        client.batch_execute("COMMIT").await.map_err(classify)?;
     }
     Ok((Applied { revision: after.revision, changed: true, state }, Some(update)))
 }
