@@ -96,6 +96,66 @@ async fn concurrent_writes_to_one_connection_get_distinct_consecutive_revisions(
     assert_eq!(store.read(id).await.unwrap().entries.len(), 64);
 }
 
+/// Writes to many connections at once are committed together (SQLite's
+/// group commit, PostgreSQL's batches), but each is still checked on its
+/// own: a refused or unchanging write does not affect the others.
+#[tokio::test]
+async fn writes_committed_together_are_each_checked_on_their_own() {
+    use highwater::state::ops::{Guard, Meta, Operation, WriteRequest};
+    let backend = backend().await;
+    let store = backend.store.clone();
+    let ids: Vec<ConnectionId> = (0..48).map(|_| ConnectionId::random()).collect();
+    for id in &ids {
+        store.write(*id, write(StateType::Stream, vec![stream("a", Some("1"))])).await.unwrap();
+    }
+    // i % 3: 0 expects the right revision, 1 a wrong one, 2 writes what is there.
+    let tasks: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let (store, id) = (store.clone(), *id);
+            tokio::spawn(async move {
+                let value = if i % 3 == 2 { "1".to_owned() } else { format!("{}", i + 2) };
+                let request = WriteRequest {
+                    operation: Operation::Merge(write(StateType::Stream, vec![stream("a", Some(&value))])),
+                    guard: Guard { expected_revision: Some(if i % 3 == 1 { 7 } else { 1 }), ..Guard::default() },
+                    meta: Meta::default(),
+                    return_state: i % 2 == 0,
+                };
+                store.apply(id, request).await
+            })
+        })
+        .collect();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let outcome = task.await.unwrap();
+        let state = store.read(ids[i]).await.unwrap();
+        match i % 3 {
+            0 => {
+                let applied = outcome.unwrap();
+                assert_eq!((applied.revision, applied.changed), (2, true), "write {i}");
+                assert_eq!(state.revision, 2);
+                assert_eq!(state.entries[0].1.as_str(), (i + 2).to_string());
+                if let Some(returned) = applied.state {
+                    assert_eq!(*returned, *state);
+                }
+            }
+            1 => {
+                let refused = outcome.unwrap_err();
+                assert!(
+                    matches!(refused, StoreError::Refused(Refusal::RevisionMismatch { expected: 7, current: 1 })),
+                    "write {i}: {refused:?}"
+                );
+                assert_eq!((state.revision, state.entries[0].1.as_str()), (1, "1"));
+            }
+            _ => {
+                let applied = outcome.unwrap();
+                assert_eq!((applied.revision, applied.changed), (1, false), "write {i}");
+                assert_eq!(state.revision, 1);
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn ping_answers_when_the_store_is_open() {
     let backend = backend().await;
