@@ -23,7 +23,7 @@ use deadpool_postgres::{GenericClient, Pool};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_postgres::types::ToSql;
 
-use super::queries::{current_keys, decode_key, header_now_and_lease_from, read_state, state_at};
+use super::queries::{current_keys, decode_key, header_now_and_lease_from, in_order, read_state, state_at};
 use super::{bounded, classify, lock_key, pool_error, Guarded};
 use crate::state::ops::{check_guard, plan, Context, Needs, Operation, Plan, WriteRequest};
 use crate::state::{advance, changes, Blob, Change, ConnectionId, Effect, EntryKey, StoredState};
@@ -478,11 +478,7 @@ async fn read_back(
     for row in &rows {
         read.push((row.get::<_, i64>(2), decode_key(row.get(0), id)?, Blob::from_stored(row.get(1))));
     }
-    // Sorted here: the database's sorter would copy every blob.
-    read.sort_unstable_by_key(|(seq, _, _)| *seq);
-    let (positions, entries) = read.into_iter().map(|(seq, key, blob)| (seq, (key, blob))).unzip();
-    let state = StoredState { state_type: after.state_type, revision: after.revision, entries };
-    Ok(Cached { state: Arc::new(state), positions: Arc::new(positions) })
+    Ok(in_order(read, after.state_type, after.revision))
 }
 
 /// Numbers a write's changes: the next revision, and positions for new

@@ -141,9 +141,12 @@ pub async fn prune(
     let keep_from = policy.oldest_kept(current, first_recent.map(|r| r as u64)) as i64;
     exec(
         tx,
-        "DELETE FROM changes c WHERE c.connection_id = $1 AND c.revision < $2 AND EXISTS ( \
-           SELECT 1 FROM changes n WHERE n.connection_id = c.connection_id \
-             AND n.entry_key = c.entry_key AND n.revision > c.revision AND n.revision <= $2)",
+        // Every change older than its key's latest at or before the oldest
+        // kept revision: that one is still visible there.
+        "DELETE FROM changes c USING ( \
+           SELECT entry_key, max(revision) AS latest FROM changes \
+           WHERE connection_id = $1 AND revision <= $2 GROUP BY entry_key) m \
+         WHERE c.connection_id = $1 AND c.entry_key = m.entry_key AND c.revision < m.latest",
         &[&id_text, &keep_from],
     )
     .await?;

@@ -13,13 +13,13 @@ use crate::state::{Blob, ConnectionId, EntryKey, StateType, StoredState};
 use crate::store::cache::{Cached, Header, StateCache};
 use crate::store::StoreError;
 
-/// One statement, one snapshot: the header and every entry in order.
+/// One statement, one snapshot: the header and every entry (in no order).
 const READ_STATE: &str = "SELECT c.state_type, c.revision, c.epoch, e.entry_key, ch.blob, e.seq \
      FROM connections c \
      LEFT JOIN entries e ON e.connection_id = c.connection_id \
      LEFT JOIN changes ch ON ch.connection_id = e.connection_id \
        AND ch.revision = e.revision AND ch.entry_key = e.entry_key \
-     WHERE c.connection_id = $1 ORDER BY e.seq";
+     WHERE c.connection_id = $1";
 
 /// The connection's row, the database clock in Unix milliseconds and the
 /// connection's lease row, in one round trip.
@@ -53,21 +53,26 @@ pub async fn read_state(
         next_seq: 0,
         epoch: first.get(2),
     };
-    let mut entries = Vec::with_capacity(rows.len());
-    let mut positions = Vec::with_capacity(rows.len());
-    for row in &rows {
+    let mut read = Vec::with_capacity(rows.len());
+    for row in rows {
         let (Some(key), Some(blob), Some(seq)) =
-            (row.get::<_, Option<String>>(3), row.get::<_, Option<String>>(4), row.get::<_, Option<i64>>(5))
+            (row.get::<_, Option<&str>>(3), row.get::<_, Option<String>>(4), row.get::<_, Option<i64>>(5))
         else {
             continue;
         };
-        entries.push((decode_key(&key, id)?, Blob::from_stored(blob)));
-        positions.push(seq);
+        read.push((seq, decode_key(key, id)?, Blob::from_stored(blob)));
     }
-    let state = StoredState { state_type: header.state_type, revision: header.revision, entries };
-    let cached = Cached { state: Arc::new(state), positions: Arc::new(positions) };
+    let cached = in_order(read, header.state_type, header.revision);
     cache.put(id, header.version(), cached.clone());
     Ok(cached)
+}
+
+/// A state from its entries as read, with their positions, in no order.
+/// Sorted here: the database's sorter would copy every blob.
+pub(super) fn in_order(mut read: Vec<(i64, EntryKey, Blob)>, state_type: Option<StateType>, revision: u64) -> Cached {
+    read.sort_unstable_by_key(|(seq, _, _)| *seq);
+    let (positions, entries) = read.into_iter().map(|(seq, key, blob)| (seq, (key, blob))).unzip();
+    Cached { state: Arc::new(StoredState { state_type, revision, entries }), positions: Arc::new(positions) }
 }
 
 /// The connection's row, if it was ever written.
@@ -143,8 +148,13 @@ pub async fn state_at(client: &impl GenericClient, id: ConnectionId, revision: u
     let state_type = parse_type(row.get(1), id)?;
     let statement = client
         .prepare_cached(
-            "SELECT DISTINCT ON (entry_key) entry_key, seq, blob FROM changes \
-             WHERE connection_id = $1 AND revision <= $2 ORDER BY entry_key, revision DESC",
+            // Each key's latest change up to the revision, found through the
+            // primary key (connection, revision, key) without sorting blobs.
+            "WITH latest AS (SELECT entry_key, max(revision) AS revision FROM changes \
+               WHERE connection_id = $1 AND revision <= $2 GROUP BY entry_key) \
+             SELECT c.entry_key, c.seq, c.blob FROM latest JOIN changes c \
+               ON c.connection_id = $1 AND c.revision = latest.revision AND c.entry_key = latest.entry_key \
+             WHERE c.blob IS NOT NULL",
         )
         .await
         .map_err(classify)?;

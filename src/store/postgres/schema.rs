@@ -7,7 +7,10 @@ use super::classify;
 use crate::store::StoreError;
 
 /// The migrations, in order; `highwater_migrations` records those applied.
-const MIGRATIONS: &[&str] = &[include_str!("../../../migrations/postgres/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../../migrations/postgres/0001_init.sql"),
+    include_str!("../../../migrations/postgres/0002_fewer_write_indexes.sql"),
+];
 
 /// Serialises migrations across nodes.
 const MIGRATION_LOCK: i64 = 0x4857_5452_4d49_4752;
