@@ -10,6 +10,12 @@ use std::sync::Arc;
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Blob(Arc<String>);
 
+impl AsRef<str> for Blob {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
 impl Blob {
     /// Takes JSON text that has already been checked to be one valid value
     /// and removes the whitespace outside its strings.

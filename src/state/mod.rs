@@ -241,10 +241,10 @@ pub struct Change<'a> {
 /// (`stored`: blob and position by encoded key) and keeps only the ops that
 /// change something, in order. `pinned` gives positions an entry must take.
 /// An empty result means the write changes nothing and takes no revision.
-pub fn changes<'a>(
+pub fn changes<'a, S: AsRef<str>>(
     ops: &'a [EntryOp],
     pinned: &HashMap<String, i64>,
-    stored: &HashMap<String, (String, i64)>,
+    stored: &HashMap<String, (S, i64)>,
 ) -> Vec<Change<'a>> {
     ops.iter()
         .filter_map(|op| {
@@ -253,7 +253,7 @@ pub fn changes<'a>(
             let pin = pinned.get(&key).copied();
             let differs = match (old, &op.blob) {
                 (None, None) => false,
-                (Some((blob, seq)), Some(new)) => blob != new.as_str() || pin.is_some_and(|p| p != *seq),
+                (Some((blob, seq)), Some(new)) => blob.as_ref() != new.as_str() || pin.is_some_and(|p| p != *seq),
                 _ => true,
             };
             let seq = op.blob.as_ref().and(pin.or(old.map(|(_, seq)| *seq)));

@@ -19,7 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use crate::state::{advance, ConnectionId, Effect, StateType, StoredState};
+use crate::state::{advance, Blob, ConnectionId, Effect, EntryKey, StateType, StoredState};
 
 /// Which committed state an entry holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +97,9 @@ impl GroupStates {
     }
 }
 
+/// Stored entries by encoded key: blob and position.
+pub type StoredEntries = HashMap<String, (Blob, i64)>;
+
 /// Effects waiting to be applied to a cached state, and the type after them.
 type Pending = (Vec<Effect>, Option<StateType>);
 
@@ -173,6 +176,37 @@ impl StateCache {
     /// Whether anything is cached for `id`, at whatever version.
     pub fn holds(&self, id: ConnectionId) -> bool {
         self.inner.lock().is_ok_and(|inner| inner.entries.contains_key(&id))
+    }
+
+    /// The version held for `id` and, of `keys` (encoded), those present
+    /// there with their blob and position: what a writer would otherwise
+    /// read for them. Deferred effects are looked through, not folded in,
+    /// so a run of one-stream writes to a large state stays cheap.
+    pub fn stored(&self, id: ConnectionId, keys: &[&EntryKey]) -> Option<(Version, StoredEntries)> {
+        let inner = self.inner.lock().ok()?;
+        let (version, cached, _) = inner.entries.get(&id)?;
+        let pending = inner.pending.get(&id).map_or(&[][..], |(effects, _)| effects.as_slice());
+        let entries = &cached.state.entries;
+        // Few keys are found by scanning; many through an index of the state.
+        let index: Option<HashMap<&EntryKey, usize>> =
+            (keys.len() > 8).then(|| entries.iter().enumerate().map(|(at, (key, _))| (key, at)).collect());
+        let mut found = HashMap::with_capacity(keys.len());
+        for key in keys {
+            let value = match pending.iter().rev().find(|(changed, _)| changed == *key) {
+                Some((_, effect)) => effect.clone(),
+                None => {
+                    let at = match &index {
+                        Some(index) => index.get(key).copied(),
+                        None => entries.iter().position(|(held, _)| held == *key),
+                    };
+                    at.map(|at| (entries[at].1.clone(), cached.positions[at]))
+                }
+            };
+            if let Some(value) = value {
+                found.insert(key.encode(), value);
+            }
+        }
+        Some((*version, found))
     }
 
     /// Remembers the committed state of `id` at `version`, evicting the
@@ -310,6 +344,34 @@ mod tests {
         assert!(cache.get(id, V1).is_some());
         assert!(cache.get(id, Version { revision: 2, epoch: 0 }).is_none());
         assert!(cache.get(id, Version { revision: 1, epoch: 9 }).is_none());
+    }
+
+    #[test]
+    fn stored_entries_are_looked_up_through_deferred_effects_without_folding_them() {
+        let cache = StateCache::new(1 << 20);
+        let id = ConnectionId::random();
+        let stream =
+            |name: &str| EntryKey::Stream(crate::state::StreamDescriptor { name: name.to_owned(), namespace: None });
+        let keys: Vec<EntryKey> = (0..20).map(|i| stream(&format!("s{i}"))).collect();
+        let entries = keys.iter().map(|key| (key.clone(), Blob::from_json("1"))).collect();
+        let state = StoredState { state_type: Some(StateType::Stream), revision: 1, entries };
+        cache.put(id, V1, Cached { state: Arc::new(state), positions: Arc::new((0..20).collect()) });
+        let v2 = Version { revision: 2, epoch: 0 };
+        let effects = vec![(keys[3].clone(), Some((Blob::from_json("2"), 3))), (keys[4].clone(), None)];
+        cache.update(id, Update::Defer { from: V1, to: v2, effects, state_type: Some(StateType::Stream) });
+
+        let missing = stream("none");
+        for wanted in [vec![&keys[3], &keys[4], &keys[5], &missing], keys.iter().chain([&missing]).collect()] {
+            let (version, found) = cache.stored(id, &wanted).unwrap();
+            assert_eq!(version, v2);
+            assert_eq!(found.get(&keys[3].encode()).map(|(b, s)| (b.as_str(), *s)), Some(("2", 3)));
+            assert_eq!(found.get(&keys[5].encode()).map(|(b, s)| (b.as_str(), *s)), Some(("1", 5)));
+            assert!(!found.contains_key(&keys[4].encode()) && !found.contains_key(&missing.encode()));
+            assert_eq!(found.len(), wanted.len() - 2);
+        }
+        // Still deferred: nothing was folded in.
+        assert_eq!(cache.inner.lock().unwrap().pending[&id].0.len(), 2);
+        assert!(cache.stored(ConnectionId::random(), &[&keys[0]]).is_none());
     }
 
     #[test]

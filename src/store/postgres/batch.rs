@@ -27,7 +27,7 @@ use super::queries::{current_keys, decode_key, header_now_and_lease_from, in_ord
 use super::{bounded, classify, lock_key, pool_error, Guarded};
 use crate::state::ops::{check_guard, plan, Context, Needs, Operation, Plan, WriteRequest};
 use crate::state::{advance, changes, Blob, Change, ConnectionId, Effect, EntryKey, StoredState};
-use crate::store::cache::{Cached, Header, StateCache, Update};
+use crate::store::cache::{Cached, Header, StateCache, StoredEntries, Update};
 use crate::store::{Applied, StoreError};
 
 /// Most writes one transaction carries.
@@ -40,7 +40,10 @@ const QUEUE_DEPTH: usize = 1024;
 // which the planner cannot flatten into a join: a generic plan, which
 // assumes ten array elements, would otherwise hash-join them against a
 // sequential scan of the table (perf showed hashing and visibility checks
-// of every `entries` row taking most of the database's time).
+// of every `entries` row taking most of the database's time). A LIMIT 1
+// that is not on the primary key's order is ordered by it as well: with
+// stale statistics the planner expects many matches and would scan the
+// table until it met the first.
 
 /// Every connection's advisory lock, in the order given (ascending).
 const LOCK_ALL: &str = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k";
@@ -79,7 +82,8 @@ const FINISH_REVISIONS: &str = "WITH t AS ( \
      header AS ( \
        INSERT INTO connections (connection_id, state_type, revision, next_seq) \
        SELECT t.id, CASE WHEN p.present THEN t.st END, t.rev, t.next_seq FROM t \
-       LEFT JOIN LATERAL (SELECT true AS present FROM entries WHERE connection_id = t.id LIMIT 1) p ON true \
+       LEFT JOIN LATERAL (SELECT true AS present FROM entries WHERE connection_id = t.id \
+         ORDER BY entry_key LIMIT 1) p ON true \
        ON CONFLICT (connection_id) DO UPDATE SET state_type = excluded.state_type, \
          revision = excluded.revision, next_seq = excluded.next_seq \
        RETURNING connection_id, state_type) \
@@ -216,14 +220,14 @@ impl Committer {
 /// The keys a write will look up, when they are known before the stored
 /// type is: those of its plan against an empty connection, and the legacy
 /// entry a typed write may replace.
-fn likely_keys(operation: &Operation) -> Vec<String> {
+fn likely_keys(operation: &Operation) -> Vec<EntryKey> {
     if operation.needs() != Needs::Nothing {
         return Vec::new();
     }
     let Ok(plan) = plan(operation, None, &Context::default()) else {
         return Vec::new();
     };
-    plan.ops.iter().map(|op| op.key.encode()).chain([EntryKey::Legacy.encode()]).collect()
+    plan.ops.into_iter().map(|op| op.key).chain([EntryKey::Legacy]).collect()
 }
 
 /// Keeps a refusal as the write's own answer; any other error fails the
@@ -253,8 +257,14 @@ struct Written<'p> {
     effects: Vec<Effect>,
 }
 
-/// Stored (blob, position) by connection and encoded key.
-type StoredEntries = HashMap<(String, String), (String, i64)>;
+/// What is known of one write's stored entries: (blob, position) by
+/// encoded key, for the keys in `covered` (a covered key not in `stored`
+/// has no entry).
+#[derive(Default)]
+struct Known {
+    covered: HashSet<String>,
+    stored: StoredEntries,
+}
 
 /// Applies the writes, which are to distinct connections, in one
 /// transaction on `client`, which must not be in one, and commits it.
@@ -267,11 +277,24 @@ pub async fn apply_batch(
     cache: &StateCache,
 ) -> Result<Vec<Outcome>, StoreError> {
     let ids: Vec<String> = writes.iter().map(|(id, _)| id.to_string()).collect();
+    let position: HashMap<&str, usize> = ids.iter().enumerate().map(|(at, id)| (id.as_str(), at)).collect();
     let mut lock_keys: Vec<i64> = writes.iter().map(|(id, _)| lock_key(*id)).collect();
     lock_keys.sort_unstable();
     lock_keys.dedup();
-    let likely: Vec<Vec<String>> = writes.iter().map(|(_, request)| likely_keys(&request.operation)).collect();
-    let (pair_ids, pair_keys) = pairs(&ids, likely.iter().map(|keys| keys.iter()));
+    // The entries a write will likely touch, from the cache when it holds
+    // the connection (used if the header shows it is current), else read
+    // with the header.
+    let mut from_cache = Vec::with_capacity(writes.len());
+    let mut queried: Vec<Vec<String>> = Vec::with_capacity(writes.len());
+    for (id, request) in writes {
+        let likely = likely_keys(&request.operation);
+        let held = if likely.is_empty() { None } else { cache.stored(*id, &likely.iter().collect::<Vec<_>>()) };
+        let covered: Vec<String> = likely.iter().map(EntryKey::encode).collect();
+        queried.push(if held.is_some() { Vec::new() } else { covered.clone() });
+        from_cache
+            .push(held.map(|(version, stored)| (version, Known { covered: covered.into_iter().collect(), stored })));
+    }
+    let (pair_ids, pair_keys) = pairs(&ids, queried.iter().map(|keys| keys.iter()));
     let lock = prepare(client, LOCK_ALL).await?;
     let headers = prepare(client, HEADERS).await?;
     let stored_statement = prepare(client, STORED).await?;
@@ -293,17 +316,23 @@ pub async fn apply_batch(
         let id: String = row.get(8);
         heads.insert(id, row);
     }
-    let mut stored = StoredEntries::new();
-    add_stored(&mut stored, likely_rows);
+    let mut known: Vec<Known> =
+        queried.into_iter().map(|keys| Known { covered: keys.into_iter().collect(), stored: HashMap::new() }).collect();
+    add_stored(&mut known, &position, likely_rows);
 
-    // Check and plan each write; fetch what a plan needs beyond the likely keys.
+    // Check and plan each write; read what a plan needs beyond what is known.
     let mut checked: Vec<Result<Checked<'_>, StoreError>> = Vec::with_capacity(writes.len());
     let mut missing: Vec<(&str, String)> = Vec::new();
-    for (((id, request), id_text), likely) in writes.iter().zip(&ids).zip(&likely) {
+    for ((((id, request), id_text), held), known) in writes.iter().zip(&ids).zip(from_cache).zip(&mut known) {
         let row =
             heads.get(id_text).ok_or_else(|| StoreError::Internal(format!("no header row for connection {id}")))?;
         let (before, now_ms, lease) = header_now_and_lease_from(row, *id)?;
         let before = before.unwrap_or_default();
+        if let Some((version, held)) = held {
+            if version == before.version() {
+                *known = held;
+            }
+        }
         let one = match check_guard(&request.guard, before.revision, lease.as_ref().filter(|l| l.is_live(now_ms))) {
             Err(refusal) => Err(refusal.into()),
             Ok(()) => own(context(client, *id, &request.operation).await)?
@@ -314,7 +343,7 @@ pub async fn apply_batch(
                 plan.ops
                     .iter()
                     .map(|op| op.key.encode())
-                    .filter(|key| !likely.contains(key))
+                    .filter(|key| !known.covered.contains(key))
                     .map(|key| (id_text.as_str(), key)),
             );
         }
@@ -323,28 +352,18 @@ pub async fn apply_batch(
     if !missing.is_empty() {
         let (pair_ids, pair_keys): (Vec<&str>, Vec<&str>) = missing.iter().map(|(id, key)| (*id, key.as_str())).unzip();
         let rows = client.query(&stored_statement, &[&pair_ids, &pair_keys]).await.map_err(classify)?;
-        add_stored(&mut stored, rows);
+        add_stored(&mut known, &position, rows);
     }
 
     // Decide what each write changes, then lay the changes out in the rows
     // of each statement.
     let mut decided: Vec<Result<Option<Written<'_>>, StoreError>> = Vec::with_capacity(writes.len());
-    for ((check, (id, _)), id_text) in checked.iter().zip(writes).zip(&ids) {
+    for ((check, (id, _)), known) in checked.iter().zip(writes).zip(&known) {
         let Ok(check) = check else {
             decided.push(Ok(None));
             continue;
         };
-        let mine: HashMap<String, (String, i64)> = check
-            .plan
-            .ops
-            .iter()
-            .filter_map(|op| {
-                let key = op.key.encode();
-                let found = stored.remove(&(id_text.clone(), key.clone()))?;
-                Some((key, found))
-            })
-            .collect();
-        let changed = changes(&check.plan.ops, &check.plan.pinned_seqs, &mine);
+        let changed = changes(&check.plan.ops, &check.plan.pinned_seqs, &known.stored);
         if changed.is_empty() {
             decided.push(Ok(None));
             continue;
@@ -521,9 +540,12 @@ where
     (pair_ids, pair_keys)
 }
 
-fn add_stored(stored: &mut StoredEntries, rows: Vec<tokio_postgres::Row>) {
+/// Adds rows of [`STORED`] to what is known of each write.
+fn add_stored(known: &mut [Known], position: &HashMap<&str, usize>, rows: Vec<tokio_postgres::Row>) {
     for row in rows {
-        stored.insert((row.get(0), row.get(1)), (row.get(2), row.get(3)));
+        if let Some(at) = position.get(row.get::<_, &str>(0)) {
+            known[*at].stored.insert(row.get(1), (Blob::from_stored(row.get(2)), row.get(3)));
+        }
     }
 }
 
