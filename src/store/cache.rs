@@ -52,6 +52,27 @@ pub struct Cached {
     pub positions: Arc<Vec<i64>>,
 }
 
+impl Cached {
+    /// Of `keys`, those the state holds, with their blob and position.
+    pub fn stored(&self, keys: &[&EntryKey]) -> StoredEntries {
+        let entries = &self.state.entries;
+        // Few keys are found by scanning; many through an index of the state.
+        let index: Option<HashMap<&EntryKey, usize>> =
+            (keys.len() > 8).then(|| entries.iter().enumerate().map(|(at, (key, _))| (key, at)).collect());
+        let mut found = StoredEntries::with_capacity(keys.len());
+        for key in keys {
+            let at = match &index {
+                Some(index) => index.get(key).copied(),
+                None => entries.iter().position(|(held, _)| held == *key),
+            };
+            if let Some(at) = at {
+                found.insert(key.encode(), (entries[at].1.clone(), self.positions[at]));
+            }
+        }
+        found
+    }
+}
+
 /// The cache.
 pub struct StateCache {
     budget: usize,
@@ -186,26 +207,16 @@ impl StateCache {
         let inner = self.inner.lock().ok()?;
         let (version, cached, _) = inner.entries.get(&id)?;
         let pending = inner.pending.get(&id).map_or(&[][..], |(effects, _)| effects.as_slice());
-        let entries = &cached.state.entries;
-        // Few keys are found by scanning; many through an index of the state.
-        let index: Option<HashMap<&EntryKey, usize>> =
-            (keys.len() > 8).then(|| entries.iter().enumerate().map(|(at, (key, _))| (key, at)).collect());
-        let mut found = HashMap::with_capacity(keys.len());
+        let mut found = StoredEntries::with_capacity(keys.len());
+        let mut rest = Vec::with_capacity(keys.len());
         for key in keys {
-            let value = match pending.iter().rev().find(|(changed, _)| changed == *key) {
-                Some((_, effect)) => effect.clone(),
-                None => {
-                    let at = match &index {
-                        Some(index) => index.get(key).copied(),
-                        None => entries.iter().position(|(held, _)| held == *key),
-                    };
-                    at.map(|at| (entries[at].1.clone(), cached.positions[at]))
-                }
-            };
-            if let Some(value) = value {
-                found.insert(key.encode(), value);
+            match pending.iter().rev().find(|(changed, _)| changed == *key) {
+                Some((_, Some(value))) => drop(found.insert(key.encode(), value.clone())),
+                Some((_, None)) => {}
+                None => rest.push(*key),
             }
         }
+        found.extend(cached.stored(&rest));
         Some((*version, found))
     }
 

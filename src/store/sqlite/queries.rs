@@ -1,7 +1,6 @@
 //! The SQL of reading and writing one connection's state. Every function
 //! runs inside a transaction (or savepoint) its caller holds.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
@@ -10,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension, MAIN_DB};
 use super::classify;
 use crate::state::ops::{check_guard, plan, Context, Lease, Needs, PastState, Refusal, WriteRequest};
 use crate::state::{advance, changes, Blob, Change, ConnectionId, EntryKey, EntryOp, StateType, StoredState};
-use crate::store::cache::{Cached, GroupStates, Header, StateCache, Update, Version};
+use crate::store::cache::{Cached, GroupStates, Header, StateCache, StoredEntries, Update, Version};
 use crate::store::{Applied, StoreError};
 
 /// Reads the whole current state of a connection, from the cache when it
@@ -124,7 +123,19 @@ pub fn apply(
         Needs::Revision(at) => Context { target: Some(state_at(conn, id, at)?), current_keys: current_keys(conn, id)? },
     };
     let plan = plan(&request.operation, before.state_type, &context)?;
-    let stored = stored_entries(conn, &id_text, &plan.ops)?;
+    // The state before the write, when held, answers what the write needs
+    // to know of it without a query. It is taken whole only when the new
+    // state is to be returned: folding deferred effects into a large state
+    // on every one-stream write would cost more than the queries.
+    let base = if request.return_state { known(before.version()) } else { None };
+    let keys: Vec<&EntryKey> = plan.ops.iter().map(|op| &op.key).collect();
+    let stored = match base.clone().or_else(|| group.get(id, before.version())) {
+        Some(state) => state.stored(&keys),
+        None => match cache.stored(id, &keys) {
+            Some((version, stored)) if version == before.version() => stored,
+            _ => stored_entries(conn, &id_text, &plan.ops)?,
+        },
+    };
     let changed = changes(&plan.ops, &plan.pinned_seqs, &stored);
     if changed.is_empty() {
         if !request.return_state {
@@ -143,10 +154,14 @@ pub fn apply(
         let seq = record_change(conn, &id_text, revision, change, &mut next_seq)?;
         effects.push((key, change.blob.cloned().zip(seq)));
     }
-    let remaining: bool = conn
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM entries WHERE connection_id = ?1)")
-        .and_then(|mut s| s.query_row([&id_text], |r| r.get(0)))
-        .map_err(classify)?;
+    let next = base.map(|base| advance(&base.state, &base.positions, &effects, revision, plan.state_type));
+    let remaining = match &next {
+        Some((state, _)) => !state.entries.is_empty(),
+        None => conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM entries WHERE connection_id = ?1)")
+            .and_then(|mut s| s.query_row([&id_text], |r| r.get(0)))
+            .map_err(classify)?,
+    };
     let state_type = plan.state_type.filter(|_| remaining);
     let new_type = state_type.map(StateType::as_str);
     exec(
@@ -163,9 +178,9 @@ pub fn apply(
     )?;
     let after = Header { state_type, revision, next_seq, epoch: before.epoch };
     let (state, update) = if request.return_state {
-        let next = match known(before.version()) {
-            Some(base) => {
-                let (state, positions) = advance(&base.state, &base.positions, &effects, revision, state_type);
+        let next = match next {
+            Some((mut state, positions)) => {
+                state.state_type = state_type;
                 Cached { state: Arc::new(state), positions: Arc::new(positions) }
             }
             None => {
@@ -192,7 +207,7 @@ pub fn apply(
 }
 
 /// The stored blob and position of each key the ops touch.
-fn stored_entries(conn: &Connection, id: &str, ops: &[EntryOp]) -> Result<HashMap<String, (String, i64)>, StoreError> {
+fn stored_entries(conn: &Connection, id: &str, ops: &[EntryOp]) -> Result<StoredEntries, StoreError> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT c.blob, e.seq FROM entries e \
@@ -201,11 +216,11 @@ fn stored_entries(conn: &Connection, id: &str, ops: &[EntryOp]) -> Result<HashMa
              WHERE e.connection_id = ?1 AND e.entry_key = ?2",
         )
         .map_err(classify)?;
-    let mut stored = HashMap::with_capacity(ops.len());
+    let mut stored = StoredEntries::with_capacity(ops.len());
     for op in ops {
         let key = op.key.encode();
         let row = stmt
-            .query_row([id, &key], |r| Ok((r.get::<_, StoredText>(0)?.0, r.get(1)?)))
+            .query_row([id, &key], |r| Ok((Blob::from_stored(r.get::<_, StoredText>(0)?.0), r.get(1)?)))
             .optional()
             .map_err(classify)?;
         if let Some(row) = row {
