@@ -74,16 +74,17 @@ const SET_ENTRIES: &str = "INSERT INTO entries (connection_id, entry_key, revisi
      SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) \
      ON CONFLICT (connection_id, entry_key) DO UPDATE SET revision = excluded.revision, seq = excluded.seq";
 /// Each written connection's row and revision row, its type set only if an
-/// entry remains (the statement sees the entry changes sent before it).
-/// Returns each connection's type after the write.
+/// entry remains: known to Highwater when it had the state before the
+/// write, else looked up (COALESCE evaluates the lookup only then; the
+/// statement sees the entry changes sent before it). Returns each
+/// connection's type after the write.
 const FINISH_REVISIONS: &str = "WITH t AS ( \
-       SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::int8[], $6::text[], $7::text[]) \
-         AS t(id, rev, next_seq, st, at_ms, actor, reason)), \
+       SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::int8[], $6::text[], $7::text[], \
+         $8::bool[]) AS t(id, rev, next_seq, st, at_ms, actor, reason, remaining)), \
      header AS ( \
        INSERT INTO connections (connection_id, state_type, revision, next_seq) \
-       SELECT t.id, CASE WHEN p.present THEN t.st END, t.rev, t.next_seq FROM t \
-       LEFT JOIN LATERAL (SELECT true AS present FROM entries WHERE connection_id = t.id \
-         ORDER BY entry_key LIMIT 1) p ON true \
+       SELECT t.id, CASE WHEN COALESCE(t.remaining, (SELECT true FROM entries WHERE connection_id = t.id \
+         ORDER BY entry_key LIMIT 1), false) THEN t.st END, t.rev, t.next_seq FROM t \
        ON CONFLICT (connection_id) DO UPDATE SET state_type = excluded.state_type, \
          revision = excluded.revision, next_seq = excluded.next_seq \
        RETURNING connection_id, state_type) \
@@ -189,7 +190,10 @@ impl Committer {
                 }
             }
             Err(error) => {
-                tracing::warn!(%error, writes = jobs.len(), "a PostgreSQL write batch failed; none of it was committed");
+                // Every write of the batch is answered with the error. Only a
+                // batch lost at its COMMIT may still have been committed: its
+                // writers see the same error as for a single lost commit.
+                tracing::warn!(%error, writes = jobs.len(), "a PostgreSQL write batch failed");
                 for job in jobs {
                     let _ = job.reply.send(Err(error.clone()));
                 }
@@ -370,32 +374,9 @@ pub async fn apply_batch(
         }
         decided.push(lay_out(*id, &check.before, changed));
     }
-    let mut rows = Rows::default();
-    for ((decision, check), id_text) in decided.iter().zip(&checked).zip(&ids) {
-        let (Ok(Some(written)), Ok(check)) = (decision, check) else { continue };
-        for (change, (_, effect)) in written.changed.iter().zip(&written.effects) {
-            let seq = effect.as_ref().map(|(_, seq)| *seq);
-            rows.changes.push(id_text, written.revision, &change.key, change.blob.map(Blob::as_str), seq);
-            match seq {
-                None => rows.deleted.push((id_text, &change.key)),
-                Some(seq) => rows.set.push(id_text, &change.key, written.revision, seq),
-            }
-        }
-        let state_type = check.plan.state_type.map(|t| t.as_str());
-        let meta = &check.request.meta;
-        rows.revisions.push(
-            id_text,
-            written.revision,
-            written.next_seq,
-            state_type,
-            check.now_ms,
-            &meta.actor,
-            &meta.reason,
-        );
-    }
-
-    // The new state of a write that returns it, when not cached, is read
-    // back inside the transaction; otherwise COMMIT goes with the changes.
+    // The new state of a write that returns it is computed from the state
+    // before it when that is cached, else read back inside the transaction
+    // (COMMIT then waits for it; otherwise it goes with the changes).
     let bases: Vec<Option<Cached>> = checked
         .iter()
         .zip(writes)
@@ -408,11 +389,46 @@ pub async fn apply_batch(
         .iter()
         .zip(&bases)
         .any(|(check, base)| matches!(check, Ok(c) if c.request.return_state && base.is_none()));
+    let nexts: Vec<Option<(StoredState, Vec<i64>)>> = decided
+        .iter()
+        .zip(&checked)
+        .zip(&bases)
+        .map(|((decision, check), base)| match (decision, check, base) {
+            (Ok(Some(written)), Ok(check), Some(base)) => {
+                let revision = written.revision as u64;
+                Some(advance(&base.state, &base.positions, &written.effects, revision, check.plan.state_type))
+            }
+            _ => None,
+        })
+        .collect();
+    let mut rows = Rows::default();
+    for (((decision, check), id_text), next) in decided.iter().zip(&checked).zip(&ids).zip(&nexts) {
+        let (Ok(Some(written)), Ok(check)) = (decision, check) else { continue };
+        for (change, (_, effect)) in written.changed.iter().zip(&written.effects) {
+            let seq = effect.as_ref().map(|(_, seq)| *seq);
+            rows.changes.push(id_text, written.revision, &change.key, change.blob.map(Blob::as_str), seq);
+            match seq {
+                None => rows.deleted.push((id_text, &change.key)),
+                Some(seq) => rows.set.push(id_text, &change.key, written.revision, seq),
+            }
+        }
+        let meta = &check.request.meta;
+        rows.revisions.push(Revision {
+            id: id_text,
+            revision: written.revision,
+            next_seq: written.next_seq,
+            state_type: check.plan.state_type.map(|t| t.as_str()),
+            at_ms: check.now_ms,
+            actor: &meta.actor,
+            reason: &meta.reason,
+            remaining: next.as_ref().map(|(state, _)| !state.entries.is_empty()),
+        });
+    }
     let remaining = rows.send(client, !reads_back).await?;
     drop(rows);
 
     let mut outcomes = Vec::with_capacity(writes.len());
-    for (((check, decision), base), (id, _)) in checked.iter().zip(decided).zip(bases).zip(writes) {
+    for ((((check, decision), base), next), (id, _)) in checked.iter().zip(decided).zip(bases).zip(nexts).zip(writes) {
         let outcome = match (check, decision) {
             (Err(refused), _) => Err(refused.clone()),
             (Ok(_), Err(refused)) => Err(refused),
@@ -434,9 +450,10 @@ pub async fn apply_batch(
                     epoch: written.before.epoch,
                 };
                 if check.request.return_state {
-                    let next = match base {
-                        Some(base) => {
-                            cached(advance(&base.state, &base.positions, &written.effects, after.revision, state_type))
+                    let next = match next {
+                        Some((mut state, positions)) => {
+                            state.state_type = state_type;
+                            Cached { state: Arc::new(state), positions: Arc::new(positions) }
                         }
                         None => read_back(client, *id, &written.effects, after).await?,
                     };
@@ -608,27 +625,33 @@ struct RevisionRows<'a> {
     at_ms: Vec<i64>,
     actors: Vec<&'a Option<String>>,
     reasons: Vec<&'a Option<String>>,
+    remaining: Vec<Option<bool>>,
+}
+
+/// One changing write's revision, for [`RevisionRows`].
+struct Revision<'a> {
+    id: &'a str,
+    revision: i64,
+    next_seq: i64,
+    /// The type the plan gives, kept only if an entry remains.
+    state_type: Option<&'static str>,
+    at_ms: i64,
+    actor: &'a Option<String>,
+    reason: &'a Option<String>,
+    /// Whether an entry remains, when known without asking the database.
+    remaining: Option<bool>,
 }
 
 impl<'a> RevisionRows<'a> {
-    #[allow(clippy::too_many_arguments)]
-    fn push(
-        &mut self,
-        id: &'a str,
-        revision: i64,
-        next_seq: i64,
-        state_type: Option<&'static str>,
-        at_ms: i64,
-        actor: &'a Option<String>,
-        reason: &'a Option<String>,
-    ) {
-        self.ids.push(id);
-        self.revisions.push(revision);
-        self.next_seqs.push(next_seq);
-        self.types.push(state_type);
-        self.at_ms.push(at_ms);
-        self.actors.push(actor);
-        self.reasons.push(reason);
+    fn push(&mut self, revision: Revision<'a>) {
+        self.ids.push(revision.id);
+        self.revisions.push(revision.revision);
+        self.next_seqs.push(revision.next_seq);
+        self.types.push(revision.state_type);
+        self.at_ms.push(revision.at_ms);
+        self.actors.push(revision.actor);
+        self.reasons.push(revision.reason);
+        self.remaining.push(revision.remaining);
     }
 }
 
@@ -660,7 +683,7 @@ impl Rows<'_> {
             async {
                 if written {
                     client
-                        .query(&finish, &[&r.ids, &r.revisions, &r.next_seqs, &r.types, &r.at_ms, &r.actors, &r.reasons])
+                        .query(&finish, &[&r.ids, &r.revisions, &r.next_seqs, &r.types, &r.at_ms, &r.actors, &r.reasons, &r.remaining])
                         .await
                 } else {
                     Ok(Vec::new())
