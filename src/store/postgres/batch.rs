@@ -273,8 +273,8 @@ struct Known {
 /// Applies the writes, which are to distinct connections, in one
 /// transaction on `client`, which must not be in one, and commits it.
 /// Returns each write's outcome: a refusal refuses that write alone. An
-/// `Err` means nothing was committed, and the client's session is in an
-/// unknown state.
+/// `Err` fails the whole batch: nothing was committed unless the batch was
+/// lost at its COMMIT, and the client's session is in an unknown state.
 pub async fn apply_batch(
     client: &impl GenericClient,
     writes: &[(ConnectionId, &WriteRequest)],
