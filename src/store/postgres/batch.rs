@@ -203,16 +203,23 @@ impl Committer {
     }
 
     async fn next_batch(&self) -> Option<Vec<Job>> {
-        let mut waiting = self.waiting.lock().await;
-        let first = match waiting.held.take() {
+        self.waiting.lock().await.next_batch().await
+    }
+}
+
+impl Waiting {
+    /// The job held back, or the next to arrive, and every job already
+    /// waiting behind it up to the first for a connection the batch has.
+    async fn next_batch(&mut self) -> Option<Vec<Job>> {
+        let first = match self.held.take() {
             Some(job) => job,
-            None => waiting.jobs.recv().await?,
+            None => self.jobs.recv().await?,
         };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
-            let Ok(job) = waiting.jobs.try_recv() else { break };
+            let Ok(job) = self.jobs.try_recv() else { break };
             if batch.iter().any(|queued| queued.id == job.id) {
-                waiting.held = Some(job);
+                self.held = Some(job);
                 break;
             }
             batch.push(job);
@@ -699,6 +706,34 @@ impl Rows<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::ops::{Guard, Meta};
+    use crate::state::StreamDescriptor;
+
+    fn job(id: ConnectionId) -> Job {
+        let stream = StreamDescriptor { name: "s".to_owned(), namespace: None };
+        let request = WriteRequest {
+            operation: Operation::StreamDelete { stream },
+            guard: Guard::default(),
+            meta: Meta::default(),
+            return_state: false,
+        };
+        Job { id, request, reply: oneshot::channel().0 }
+    }
+
+    #[tokio::test]
+    async fn a_batch_stops_before_a_second_write_to_the_same_connection() {
+        let (queue, jobs) = mpsc::channel(16);
+        let mut waiting = Waiting { jobs, held: None };
+        let (a, b, c) = (ConnectionId::random(), ConnectionId::random(), ConnectionId::random());
+        for id in [a, b, a, c] {
+            queue.send(job(id)).await.unwrap();
+        }
+        let ids = |batch: Vec<Job>| batch.into_iter().map(|job| job.id).collect::<Vec<_>>();
+        assert_eq!(ids(waiting.next_batch().await.unwrap()), [a, b]);
+        assert_eq!(ids(waiting.next_batch().await.unwrap()), [a, c]);
+        drop(queue);
+        assert!(waiting.next_batch().await.is_none());
+    }
 
     #[test]
     fn pairs_lists_every_key_of_every_connection_in_order() {
