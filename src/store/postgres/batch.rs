@@ -23,7 +23,7 @@ use deadpool_postgres::{GenericClient, Pool};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_postgres::types::ToSql;
 
-use super::queries::{current_keys, decode_key, header_now_and_lease_from, in_order, read_state, state_at};
+use super::queries::{current_keys, decode_key, entries, header_now_and_lease_from, in_order, read_state, state_at};
 use super::{bounded, classify, lock_key, pool_error, Guarded};
 use crate::state::ops::{check_guard, plan, Context, Needs, Operation, Plan, WriteRequest};
 use crate::state::{advance, changes, Blob, Change, ConnectionId, Effect, EntryKey, StoredState};
@@ -91,11 +91,6 @@ const FINISH_REVISIONS: &str = "WITH t AS ( \
      INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
      SELECT t.id, t.rev, t.at_ms, h.state_type, t.actor, t.reason FROM t JOIN header h ON h.connection_id = t.id \
      RETURNING connection_id, state_type";
-/// One statement, one snapshot: every entry of a connection, in order.
-const READ_ENTRIES: &str = "SELECT e.entry_key, ch.blob, e.seq FROM entries e \
-     JOIN changes ch ON ch.connection_id = e.connection_id \
-      AND ch.revision = e.revision AND ch.entry_key = e.entry_key \
-     WHERE e.connection_id = $1";
 
 /// What one write produces: the caller's answer and what to cache.
 pub type Outcome = Result<(Applied, Option<Update>), StoreError>;
@@ -516,12 +511,7 @@ async fn read_back(
     if row.get::<_, i64>(0) == sets {
         return Ok(cached(advance(&StoredState::default(), &[], effects, after.revision, after.state_type)));
     }
-    let rows = client.query(READ_ENTRIES, &[&id_text]).await.map_err(classify)?;
-    let mut read = Vec::with_capacity(rows.len());
-    for row in &rows {
-        read.push((row.get::<_, i64>(2), decode_key(row.get(0), id)?, Blob::from_stored(row.get(1))));
-    }
-    Ok(in_order(read, after.state_type, after.revision))
+    Ok(in_order(entries(client, id).await?, after.state_type, after.revision))
 }
 
 /// Numbers a write's changes: the next revision, and positions for new

@@ -21,6 +21,12 @@ const READ_STATE: &str = "SELECT c.state_type, c.revision, c.epoch, e.entry_key,
        AND ch.revision = e.revision AND ch.entry_key = e.entry_key \
      WHERE c.connection_id = $1";
 
+/// Every entry of a connection (in no order).
+const READ_ENTRIES: &str = "SELECT e.entry_key, ch.blob, e.seq FROM entries e \
+     JOIN changes ch ON ch.connection_id = e.connection_id \
+      AND ch.revision = e.revision AND ch.entry_key = e.entry_key \
+     WHERE e.connection_id = $1";
+
 /// The connection's row, the database clock in Unix milliseconds and the
 /// connection's lease row, in one round trip.
 const HEADER_NOW_AND_LEASE: &str = "SELECT c.state_type, c.revision, c.next_seq, c.epoch, \
@@ -53,18 +59,39 @@ pub async fn read_state(
         next_seq: 0,
         epoch: first.get(2),
     };
+    let cached = in_order(entries_from(rows, 3, id)?, header.state_type, header.revision);
+    cache.put(id, header.version(), cached.clone());
+    Ok(cached)
+}
+
+/// Every entry of a connection, in no order, read with the statement's
+/// snapshot (inside a transaction: as the transaction left it).
+pub(super) async fn entries(
+    client: &impl GenericClient,
+    id: ConnectionId,
+) -> Result<Vec<(i64, EntryKey, Blob)>, StoreError> {
+    let statement = client.prepare_cached(READ_ENTRIES).await.map_err(classify)?;
+    let rows = client.query(&statement, &[&id.to_string()]).await.map_err(classify)?;
+    entries_from(rows, 0, id)
+}
+
+/// The entries in rows holding key, blob and position from column `at`
+/// on; rows without an entry (a connection with none) are skipped.
+fn entries_from(
+    rows: Vec<tokio_postgres::Row>,
+    at: usize,
+    id: ConnectionId,
+) -> Result<Vec<(i64, EntryKey, Blob)>, StoreError> {
     let mut read = Vec::with_capacity(rows.len());
     for row in rows {
         let (Some(key), Some(blob), Some(seq)) =
-            (row.get::<_, Option<&str>>(3), row.get::<_, Option<String>>(4), row.get::<_, Option<i64>>(5))
+            (row.get::<_, Option<&str>>(at), row.get::<_, Option<String>>(at + 1), row.get::<_, Option<i64>>(at + 2))
         else {
             continue;
         };
         read.push((seq, decode_key(key, id)?, Blob::from_stored(blob)));
     }
-    let cached = in_order(read, header.state_type, header.revision);
-    cache.put(id, header.version(), cached.clone());
-    Ok(cached)
+    Ok(read)
 }
 
 /// A state from its entries as read, with their positions, in no order.
