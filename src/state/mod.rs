@@ -163,8 +163,13 @@ pub struct StoredState {
 pub type Effect = (EntryKey, Option<(Blob, i64)>);
 
 /// The state after a revision, computed from the state before it (with the
-/// entries' positions, in order) and the revision's effects. Returns the
-/// new state and its entries' positions.
+/// entries' positions, in order) and the revision's effects; when effects
+/// of several revisions are given in order, the later one for a key wins.
+/// Returns the new state and its entries' positions.
+///
+/// One pass over the state: a write of a few streams to a state of
+/// thousands finds its entries by position (one that keeps its place) or by
+/// a scan, and only many effects pay for an index of the whole state.
 pub fn advance(
     before: &StoredState,
     positions: &[i64],
@@ -172,17 +177,47 @@ pub fn advance(
     revision: u64,
     state_type: Option<StateType>,
 ) -> (StoredState, Vec<i64>) {
-    let mut by_key: HashMap<&EntryKey, (i64, &Blob)> =
-        before.entries.iter().zip(positions).map(|((key, blob), seq)| (key, (*seq, blob))).collect();
+    let entries = &before.entries;
+    let index: Option<HashMap<&EntryKey, usize>> =
+        (effects.len() > 8).then(|| entries.iter().enumerate().map(|(at, (key, _))| (key, at)).collect());
+    let find = |key: &EntryKey, seq: Option<i64>| match &index {
+        Some(index) => index.get(key).copied(),
+        None => seq
+            .and_then(|seq| positions.binary_search(&seq).ok())
+            .filter(|&at| entries.get(at).is_some_and(|(held, _)| held == key))
+            .or_else(|| entries.iter().position(|(held, _)| held == key)),
+    };
+    // What the effects do to entries held before (by index) and which
+    // entries they add; the last effect for a key is the one kept.
+    let mut touched: Vec<(usize, Option<(i64, &Blob)>)> = Vec::with_capacity(effects.len());
+    let mut added: HashMap<&EntryKey, Option<(i64, &Blob)>> = HashMap::new();
     for (key, effect) in effects {
-        match effect {
-            Some((blob, seq)) => by_key.insert(key, (*seq, blob)),
-            None => by_key.remove(key),
-        };
+        let effect = effect.as_ref().map(|(blob, seq)| (*seq, blob));
+        match find(key, effect.map(|(seq, _)| seq)) {
+            Some(at) => touched.push((at, effect)),
+            None => {
+                added.insert(key, effect);
+            }
+        }
     }
-    let mut rows: Vec<(i64, &EntryKey, &Blob)> =
-        by_key.into_iter().map(|(key, (seq, blob))| (seq, key, blob)).collect();
-    rows.sort_unstable_by_key(|(seq, _, _)| *seq);
+    touched.sort_by_key(|(at, _)| *at); // stable: the last effect of a run wins
+    let mut touched = touched.into_iter().peekable();
+    let mut rows: Vec<(i64, &EntryKey, &Blob)> = Vec::with_capacity(entries.len() + added.len());
+    for (at, ((key, blob), seq)) in entries.iter().zip(positions).enumerate() {
+        let mut row = Some((*seq, blob));
+        while let Some((_, effect)) = touched.next_if(|(touched_at, _)| *touched_at == at) {
+            row = effect;
+        }
+        if let Some((seq, blob)) = row {
+            rows.push((seq, key, blob));
+        }
+    }
+    rows.extend(added.into_iter().filter_map(|(key, effect)| effect.map(|(seq, blob)| (seq, key, blob))));
+    // Untouched entries keep their order; only moved and added ones can
+    // break it.
+    if !rows.is_sorted_by_key(|(seq, _, _)| *seq) {
+        rows.sort_unstable_by_key(|(seq, _, _)| *seq);
+    }
     let positions = rows.iter().map(|(seq, _, _)| *seq).collect();
     let entries = rows.into_iter().map(|(_, key, blob)| (key.clone(), blob.clone())).collect();
     (StoredState { state_type, revision, entries }, positions)
@@ -394,6 +429,70 @@ mod tests {
         assert_eq!(names.len(), 3);
         assert!(names[0].contains("\"c\"") && names[1].contains("\"b\"") && names[2].contains("\"d\""), "{names:?}");
         assert_eq!(after.entries[1].1.as_str(), "20");
+    }
+
+    /// The plain fold `advance` must agree with: every entry by key, the
+    /// effects applied in order, then sorted by position.
+    fn advance_by_map(before: &StoredState, positions: &[i64], effects: &[Effect]) -> Vec<(i64, String, String)> {
+        let mut by_key: HashMap<&EntryKey, (i64, &Blob)> =
+            before.entries.iter().zip(positions).map(|((key, blob), seq)| (key, (*seq, blob))).collect();
+        for (key, effect) in effects {
+            match effect {
+                Some((blob, seq)) => by_key.insert(key, (*seq, blob)),
+                None => by_key.remove(key),
+            };
+        }
+        let mut rows: Vec<_> =
+            by_key.into_iter().map(|(key, (seq, blob))| (seq, key.encode(), blob.as_str().to_owned())).collect();
+        rows.sort();
+        rows
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn advancing_agrees_with_a_fold_by_key(
+            held in 0usize..40,
+            effects in proptest::collection::vec((0usize..50, proptest::option::of(0i64..60), 0u8..3), 0..20),
+        ) {
+            let before = StoredState {
+                state_type: Some(StateType::Stream),
+                revision: 1,
+                entries: (0..held).map(|n| (stream(&format!("s{n}"), None), Blob::from_json(&n.to_string()))).collect(),
+            };
+            // Entries at every other position, so a write can keep, move or
+            // add past them.
+            let positions: Vec<i64> = (0..held as i64).map(|n| n * 2).collect();
+            let mut next = held as i64 * 2;
+            let effects: Vec<Effect> = effects
+                .into_iter()
+                .map(|(name, seq, how)| {
+                    let key = stream(&format!("s{name}"), None);
+                    let at = (name < held).then(|| name as i64 * 2);
+                    let seq = match (how, at, seq) {
+                        // A set that keeps the entry's place, or a new one last.
+                        (0, Some(at), _) => Some(at),
+                        (0, None, _) => { next += 1; Some(next) }
+                        // A delete.
+                        (1, _, _) => None,
+                        // A move to an odd (free) position.
+                        (_, _, seq) => seq.map(|seq| seq * 2 + 1),
+                    };
+                    (key, seq.map(|seq| (Blob::from_json(&format!("{}", seq + 1000)), seq)))
+                })
+                .collect();
+            // Positions stay unique among the entries a write leaves.
+            let expected = advance_by_map(&before, &positions, &effects);
+            let seqs: std::collections::HashSet<i64> = expected.iter().map(|row| row.0).collect();
+            proptest::prop_assume!(seqs.len() == expected.len());
+            let (after, after_positions) = advance(&before, &positions, &effects, 2, Some(StateType::Stream));
+            let got: Vec<(i64, String, String)> = after
+                .entries
+                .iter()
+                .zip(&after_positions)
+                .map(|((key, blob), seq)| (*seq, key.encode(), blob.as_str().to_owned()))
+                .collect();
+            proptest::prop_assert_eq!(got, expected);
+        }
     }
 
     #[test]
