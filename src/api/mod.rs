@@ -132,7 +132,9 @@ pub fn routes() -> Vec<Route> {
 /// line per request.
 pub fn router(app: AppState) -> Router {
     let max_body = app.limits.max_body_bytes;
-    let v1 = routes().into_iter().fold(Router::new(), |router, route| {
+    // Each route is registered under both prefixes rather than nested: a
+    // nested router routes every request twice and rewrites its URI.
+    let router = routes().into_iter().fold(Router::new(), |router, route| {
         let handler = match (route.role, &app.authenticator) {
             (None, _) | (_, None) => route.handler,
             (Some(needs), Some(_)) => {
@@ -140,11 +142,11 @@ pub fn router(app: AppState) -> Router {
                 route.handler.layer(axum::middleware::from_fn_with_state(gate, auth::require))
             }
         };
-        router.route(route.path, handler)
+        ["/api/v1", "/v1"]
+            .into_iter()
+            .fold(router, |router, prefix| router.route(&format!("{prefix}{}", route.path), handler.clone()))
     });
-    Router::new()
-        .nest("/api/v1", v1.clone())
-        .nest("/v1", v1)
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
