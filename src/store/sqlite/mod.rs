@@ -390,7 +390,9 @@ fn write_loop(
                 Err(_) => break,
             }
         }
+        let (writes, started) = (group.len(), std::time::Instant::now());
         commit_group(&mut conn, group, cache);
+        tracing::debug!(writes, elapsed_us = started.elapsed().as_micros() as u64, "write group");
         checkpointer.poke();
     }
     checkpointer.stop();
