@@ -28,7 +28,7 @@ use super::{bounded, classify, lock_key, pool_error, Guarded};
 use crate::state::ops::{check_guard, plan, Context, Needs, Operation, Plan, WriteRequest};
 use crate::state::{advance, changes, Blob, Change, ConnectionId, Effect, EntryKey, StoredState};
 use crate::store::cache::{Cached, Header, StateCache, StoredEntries, Update};
-use crate::store::{Applied, StoreError};
+use crate::store::{Applied, Lease, StoreError};
 
 /// Most writes one transaction carries.
 const MAX_BATCH: usize = 64;
@@ -277,19 +277,94 @@ struct Known {
 /// Returns each write's outcome: a refusal refuses that write alone. An
 /// `Err` fails the whole batch: nothing was committed unless the batch was
 /// lost at its COMMIT, and the client's session is in an unknown state.
+///
+/// In phases, each write's results kept at its index: read under the
+/// connections' locks (the first round trip), check and plan each write,
+/// decide what each changes, send every change with the COMMIT (the
+/// second), then answer each write.
 pub async fn apply_batch(
     client: &impl GenericClient,
     writes: &[(ConnectionId, &WriteRequest)],
     cache: &StateCache,
 ) -> Result<Vec<Outcome>, StoreError> {
     let ids: Vec<String> = writes.iter().map(|(id, _)| id.to_string()).collect();
+    let Locked { heads, mut known, position } = read_locked(client, writes, &ids, cache).await?;
+    let checked = check_and_plan(client, writes, &ids, heads, &mut known, &position).await?;
+    let decided: Vec<Result<Option<Written<'_>>, StoreError>> =
+        writes.iter().zip(&checked).zip(&known).map(|(((id, _), check), known)| decide(*id, check, known)).collect();
+    // The new state of a write that returns it is computed from the state
+    // before it when that is cached, else read back inside the transaction
+    // (COMMIT then waits for it; otherwise it goes with the changes).
+    let states: Vec<States> = writes
+        .iter()
+        .zip(&checked)
+        .zip(&decided)
+        .map(|(((id, _), check), decision)| {
+            let Ok(check) = check else { return States::default() };
+            let base = if check.request.return_state { cache.get(*id, check.before.version()) } else { None };
+            let next = match (decision, &base) {
+                (Ok(Some(written)), Some(base)) => {
+                    let revision = written.revision as u64;
+                    Some(advance(&base.state, &base.positions, &written.effects, revision, check.plan.state_type))
+                }
+                _ => None,
+            };
+            States { base, next }
+        })
+        .collect();
+    let reads_back = checked
+        .iter()
+        .zip(&states)
+        .any(|(check, states)| matches!(check, Ok(c) if c.request.return_state && states.base.is_none()));
+    let remaining = rows(&ids, &checked, &decided, &states).send(client, !reads_back).await?;
+    let outcomes = answer(client, cache, writes, &checked, decided, states, &remaining).await?;
+    if reads_back {
+        client.batch_execute("COMMIT").await.map_err(classify)?;
+    }
+    Ok(outcomes)
+}
+
+/// A write's state before it, when it returns the state and that is
+/// cached, and the state after it, computed from that.
+#[derive(Default)]
+struct States {
+    base: Option<Cached>,
+    next: Option<(StoredState, Vec<i64>)>,
+}
+
+/// A write's connection as read under its lock: its row (the default for a
+/// connection never written), the database clock in Unix milliseconds, and
+/// its lease.
+struct Head {
+    before: Header,
+    now_ms: i64,
+    lease: Option<Lease>,
+}
+
+/// What the first round trip establishes, by write.
+struct Locked<'i> {
+    heads: Vec<Head>,
+    known: Vec<Known>,
+    /// Each write's index, by connection id: where a row of [`STORED`] goes.
+    position: HashMap<&'i str, usize>,
+}
+
+/// Opens the transaction, takes every connection's lock and reads each
+/// connection's head, with the entries its write will likely touch unless
+/// the cache holds them at the version the head shows.
+async fn read_locked<'i>(
+    client: &impl GenericClient,
+    writes: &[(ConnectionId, &WriteRequest)],
+    ids: &'i [String],
+    cache: &StateCache,
+) -> Result<Locked<'i>, StoreError> {
     let position: HashMap<&str, usize> = ids.iter().enumerate().map(|(at, id)| (id.as_str(), at)).collect();
     let mut lock_keys: Vec<i64> = writes.iter().map(|(id, _)| lock_key(*id)).collect();
     lock_keys.sort_unstable();
     lock_keys.dedup();
     // The entries a write will likely touch, from the cache when it holds
-    // the connection (used if the header shows it is current), else read
-    // with the header.
+    // the connection (used if the head shows it is current), else read with
+    // the head.
     let mut from_cache = Vec::with_capacity(writes.len());
     let mut queried: Vec<Vec<String>> = Vec::with_capacity(writes.len());
     for (id, request) in writes {
@@ -300,7 +375,7 @@ pub async fn apply_batch(
         from_cache
             .push(held.map(|(version, stored)| (version, Known { covered: covered.into_iter().collect(), stored })));
     }
-    let (pair_ids, pair_keys) = pairs(&ids, queried.iter().map(|keys| keys.iter()));
+    let (pair_ids, pair_keys) = pairs(ids, queried.iter().map(|keys| keys.iter()));
     let lock = prepare(client, LOCK_ALL).await?;
     let headers = prepare(client, HEADERS).await?;
     let stored_statement = prepare(client, STORED).await?;
@@ -317,21 +392,14 @@ pub async fn apply_batch(
         },
     )
     .map_err(classify)?;
-    let mut heads = HashMap::with_capacity(header_rows.len());
-    for row in &header_rows {
-        let id: String = row.get(8);
-        heads.insert(id, row);
-    }
+    let rows: HashMap<String, &tokio_postgres::Row> = header_rows.iter().map(|row| (row.get(8), row)).collect();
     let mut known: Vec<Known> =
         queried.into_iter().map(|keys| Known { covered: keys.into_iter().collect(), stored: HashMap::new() }).collect();
     add_stored(&mut known, &position, likely_rows);
-
-    // Check and plan each write; read what a plan needs beyond what is known.
-    let mut checked: Vec<Result<Checked<'_>, StoreError>> = Vec::with_capacity(writes.len());
-    let mut missing: Vec<(&str, String)> = Vec::new();
-    for ((((id, request), id_text), held), known) in writes.iter().zip(&ids).zip(from_cache).zip(&mut known) {
+    let mut heads = Vec::with_capacity(writes.len());
+    for (((id, _), id_text), (held, known)) in writes.iter().zip(ids).zip(from_cache.into_iter().zip(&mut known)) {
         let row =
-            heads.get(id_text).ok_or_else(|| StoreError::Internal(format!("no header row for connection {id}")))?;
+            rows.get(id_text).ok_or_else(|| StoreError::Internal(format!("no header row for connection {id}")))?;
         let (before, now_ms, lease) = header_now_and_lease_from(row, *id)?;
         let before = before.unwrap_or_default();
         if let Some((version, held)) = held {
@@ -339,6 +407,25 @@ pub async fn apply_batch(
                 *known = held;
             }
         }
+        heads.push(Head { before, now_ms, lease });
+    }
+    Ok(Locked { heads, known, position })
+}
+
+/// Checks each write against its head and plans it, reading what a plan
+/// needs beyond what is known. A refusal is that write's result.
+async fn check_and_plan<'r>(
+    client: &impl GenericClient,
+    writes: &[(ConnectionId, &'r WriteRequest)],
+    ids: &[String],
+    heads: Vec<Head>,
+    known: &mut [Known],
+    position: &HashMap<&str, usize>,
+) -> Result<Vec<Result<Checked<'r>, StoreError>>, StoreError> {
+    let mut checked = Vec::with_capacity(writes.len());
+    let mut missing: Vec<(&str, String)> = Vec::new();
+    for ((((id, request), id_text), head), known) in writes.iter().zip(ids).zip(heads).zip(known.iter()) {
+        let Head { before, now_ms, lease } = head;
         let one = match check_guard(&request.guard, before.revision, lease.as_ref().filter(|l| l.is_live(now_ms))) {
             Err(refusal) => Err(refusal.into()),
             Ok(()) => own(context(client, *id, &request.operation).await)?
@@ -356,55 +443,41 @@ pub async fn apply_batch(
         checked.push(one.map(|plan| Checked { before, now_ms, request, plan }));
     }
     if !missing.is_empty() {
+        let stored = prepare(client, STORED).await?;
         let (pair_ids, pair_keys): (Vec<&str>, Vec<&str>) = missing.iter().map(|(id, key)| (*id, key.as_str())).unzip();
-        let rows = client.query(&stored_statement, &[&pair_ids, &pair_keys]).await.map_err(classify)?;
-        add_stored(&mut known, &position, rows);
+        let rows = client.query(&stored, &[&pair_ids, &pair_keys]).await.map_err(classify)?;
+        add_stored(known, position, rows);
     }
+    Ok(checked)
+}
 
-    // Decide what each write changes, then lay the changes out in the rows
-    // of each statement.
-    let mut decided: Vec<Result<Option<Written<'_>>, StoreError>> = Vec::with_capacity(writes.len());
-    for ((check, (id, _)), known) in checked.iter().zip(writes).zip(&known) {
-        let Ok(check) = check else {
-            decided.push(Ok(None));
-            continue;
-        };
-        let changed = changes(&check.plan.ops, &check.plan.pinned_seqs, &known.stored);
-        if changed.is_empty() {
-            decided.push(Ok(None));
-            continue;
-        }
-        decided.push(lay_out(*id, &check.before, changed));
+/// What a checked write changes, numbered: `None` when it changes nothing
+/// (or was refused, which its check answers).
+fn decide<'p>(
+    id: ConnectionId,
+    check: &'p Result<Checked<'_>, StoreError>,
+    known: &Known,
+) -> Result<Option<Written<'p>>, StoreError> {
+    let Ok(check) = check else {
+        return Ok(None);
+    };
+    let changed = changes(&check.plan.ops, &check.plan.pinned_seqs, &known.stored);
+    if changed.is_empty() {
+        return Ok(None);
     }
-    // The new state of a write that returns it is computed from the state
-    // before it when that is cached, else read back inside the transaction
-    // (COMMIT then waits for it; otherwise it goes with the changes).
-    let bases: Vec<Option<Cached>> = checked
-        .iter()
-        .zip(writes)
-        .map(|(check, (id, _))| match check {
-            Ok(check) if check.request.return_state => cache.get(*id, check.before.version()),
-            _ => None,
-        })
-        .collect();
-    let reads_back = checked
-        .iter()
-        .zip(&bases)
-        .any(|(check, base)| matches!(check, Ok(c) if c.request.return_state && base.is_none()));
-    let nexts: Vec<Option<(StoredState, Vec<i64>)>> = decided
-        .iter()
-        .zip(&checked)
-        .zip(&bases)
-        .map(|((decision, check), base)| match (decision, check, base) {
-            (Ok(Some(written)), Ok(check), Some(base)) => {
-                let revision = written.revision as u64;
-                Some(advance(&base.state, &base.positions, &written.effects, revision, check.plan.state_type))
-            }
-            _ => None,
-        })
-        .collect();
+    lay_out(id, &check.before, changed)
+}
+
+/// The changes of every changing write, laid out in the rows of each
+/// statement.
+fn rows<'a>(
+    ids: &'a [String],
+    checked: &'a [Result<Checked<'_>, StoreError>],
+    decided: &'a [Result<Option<Written<'_>>, StoreError>],
+    states: &[States],
+) -> Rows<'a> {
     let mut rows = Rows::default();
-    for (((decision, check), id_text), next) in decided.iter().zip(&checked).zip(&ids).zip(&nexts) {
+    for (((decision, check), id_text), states) in decided.iter().zip(checked).zip(ids).zip(states) {
         let (Ok(Some(written)), Ok(check)) = (decision, check) else { continue };
         for (change, (_, effect)) in written.changed.iter().zip(&written.effects) {
             let seq = effect.as_ref().map(|(_, seq)| *seq);
@@ -423,14 +496,27 @@ pub async fn apply_batch(
             at_ms: check.now_ms,
             actor: &meta.actor,
             reason: &meta.reason,
-            remaining: next.as_ref().map(|(state, _)| !state.entries.is_empty()),
+            remaining: states.next.as_ref().map(|(state, _)| !state.entries.is_empty()),
         });
     }
-    let remaining = rows.send(client, !reads_back).await?;
-    drop(rows);
+    rows
+}
 
+/// Each write's answer and what its commit does to the cache, once its
+/// changes are sent. `remaining`: the written connections that still have
+/// an entry. A write that changed nothing and returns the state reads it
+/// through `cache`.
+async fn answer(
+    client: &impl GenericClient,
+    cache: &StateCache,
+    writes: &[(ConnectionId, &WriteRequest)],
+    checked: &[Result<Checked<'_>, StoreError>],
+    decided: Vec<Result<Option<Written<'_>>, StoreError>>,
+    states: Vec<States>,
+    remaining: &HashSet<String>,
+) -> Result<Vec<Outcome>, StoreError> {
     let mut outcomes = Vec::with_capacity(writes.len());
-    for ((((check, decision), base), next), (id, _)) in checked.iter().zip(decided).zip(bases).zip(nexts).zip(writes) {
+    for (((check, decision), States { base, next }), (id, _)) in checked.iter().zip(decided).zip(states).zip(writes) {
         let outcome = match (check, decision) {
             (Err(refused), _) => Err(refused.clone()),
             (Ok(_), Err(refused)) => Err(refused),
@@ -475,9 +561,6 @@ pub async fn apply_batch(
             }
         };
         outcomes.push(outcome);
-    }
-    if reads_back {
-        client.batch_execute("COMMIT").await.map_err(classify)?;
     }
     Ok(outcomes)
 }
