@@ -178,14 +178,12 @@ pub fn advance(
     state_type: Option<StateType>,
 ) -> (StoredState, Vec<i64>) {
     let entries = &before.entries;
-    let index: Option<HashMap<&EntryKey, usize>> =
-        (effects.len() > 8).then(|| entries.iter().enumerate().map(|(at, (key, _))| (key, at)).collect());
-    let find = |key: &EntryKey, seq: Option<i64>| match &index {
-        Some(index) => index.get(key).copied(),
-        None => seq
-            .and_then(|seq| positions.binary_search(&seq).ok())
+    let finder = EntryFinder::new(entries, effects.len());
+    // An entry that keeps its place is found by it (positions ascend).
+    let find = |key: &EntryKey, seq: Option<i64>| {
+        seq.and_then(|seq| positions.binary_search(&seq).ok())
             .filter(|&at| entries.get(at).is_some_and(|(held, _)| held == key))
-            .or_else(|| entries.iter().position(|(held, _)| held == key)),
+            .or_else(|| finder.find(key))
     };
     // What the effects do to entries held before (by index) and which
     // entries they add; the last effect for a key is the one kept.
@@ -221,6 +219,29 @@ pub fn advance(
     let positions = rows.iter().map(|(seq, _, _)| *seq).collect();
     let entries = rows.into_iter().map(|(_, key, blob)| (key.clone(), blob.clone())).collect();
     (StoredState { state_type, revision, entries }, positions)
+}
+
+/// Finds entries of a state by key: a few lookups scan the entries, many
+/// go through a map of them built once.
+pub struct EntryFinder<'a> {
+    entries: &'a [(EntryKey, Blob)],
+    index: Option<HashMap<&'a EntryKey, usize>>,
+}
+
+impl<'a> EntryFinder<'a> {
+    /// A finder for about `lookups` lookups in `entries`.
+    pub fn new(entries: &'a [(EntryKey, Blob)], lookups: usize) -> Self {
+        let index = (lookups > 8).then(|| entries.iter().enumerate().map(|(at, (key, _))| (key, at)).collect());
+        Self { entries, index }
+    }
+
+    /// Where `key` is among the entries, if there.
+    pub fn find(&self, key: &EntryKey) -> Option<usize> {
+        match &self.index {
+            Some(index) => index.get(key).copied(),
+            None => self.entries.iter().position(|(held, _)| held == key),
+        }
+    }
 }
 
 /// Why a write was refused by the type rules (STATE-API.md §4.1).

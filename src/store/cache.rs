@@ -19,7 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use crate::state::{advance, Blob, ConnectionId, Effect, EntryKey, StateType, StoredState};
+use crate::state::{advance, Blob, ConnectionId, Effect, EntryFinder, EntryKey, StateType, StoredState};
 
 /// Which committed state an entry holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,16 +56,10 @@ impl Cached {
     /// Of `keys`, those the state holds, with their blob and position.
     pub fn stored(&self, keys: &[&EntryKey]) -> StoredEntries {
         let entries = &self.state.entries;
-        // Few keys are found by scanning; many through an index of the state.
-        let index: Option<HashMap<&EntryKey, usize>> =
-            (keys.len() > 8).then(|| entries.iter().enumerate().map(|(at, (key, _))| (key, at)).collect());
+        let finder = EntryFinder::new(entries, keys.len());
         let mut found = StoredEntries::with_capacity(keys.len());
         for key in keys {
-            let at = match &index {
-                Some(index) => index.get(key).copied(),
-                None => entries.iter().position(|(held, _)| held == *key),
-            };
-            if let Some(at) = at {
+            if let Some(at) = finder.find(key) {
                 found.insert(key.encode(), (entries[at].1.clone(), self.positions[at]));
             }
         }
