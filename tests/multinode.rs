@@ -284,3 +284,77 @@ async fn compare_and_swap_increments_through_two_nodes_count_exactly() {
     drop(servers);
     eprintln!("{acked} increments through {NODES} nodes, {conflicts} real conflicts retried");
 }
+
+/// Two stores on one database, as two nodes are: each caches what it wrote
+/// and applies its next write to that connection on the cached head in one
+/// round trip, so that cached head, and the lease it assumes, must be
+/// checked against what the other node did since. Every answer must be the
+/// one a node reading the database first would give.
+#[tokio::test]
+#[ignore = "needs PostgreSQL: run with HIGHWATER_TEST_BACKEND=postgres and --include-ignored (as .ci/run does)"]
+async fn a_node_writing_on_its_cached_head_sees_what_another_node_did() {
+    use highwater::state::ops::{Guard, LeaseOp, Meta, Operation, Refusal, WriteRequest};
+    use highwater::state::{Blob, EntryKey, EntryOp, StateType, StateWrite, StreamDescriptor};
+    use highwater::store::StoreError;
+
+    let database = TestDatabase::postgres_always().await;
+    let (a, b) = (database.open().await, database.open().await);
+    let set = |name: &str, value: u64, guard: Guard| WriteRequest {
+        operation: Operation::Merge(StateWrite {
+            state_type: StateType::Stream,
+            ops: vec![EntryOp {
+                key: EntryKey::Stream(StreamDescriptor { name: name.to_owned(), namespace: None }),
+                blob: Some(Blob::from_json(&value.to_string())),
+            }],
+        }),
+        guard,
+        meta: Meta::default(),
+        return_state: true,
+    };
+    let expecting = |revision| Guard { expected_revision: Some(revision), ..Guard::default() };
+    let respecting = Guard { respect_lease: true, ..Guard::default() };
+    let names = |state: &highwater::state::StoredState| -> Vec<String> {
+        state.entries.iter().map(|(key, _)| format!("{key:?}")).collect()
+    };
+
+    // Revisions: A's cached head is 1 when B makes it 2.
+    let id = ConnectionId::random();
+    a.apply(id, set("a", 1, Guard::default())).await.unwrap();
+    b.apply(id, set("b", 1, Guard::default())).await.unwrap();
+    let applied = a.apply(id, set("a", 2, expecting(2))).await.expect("a write expecting B's revision");
+    assert_eq!(applied.revision, 3);
+    assert_eq!(names(&applied.state.unwrap()).len(), 2, "A's write lost B's stream");
+    b.apply(id, set("b", 2, Guard::default())).await.unwrap();
+    match a.apply(id, set("a", 3, expecting(3))).await {
+        Err(StoreError::Refused(Refusal::RevisionMismatch { expected: 3, current: 4 })) => {}
+        other => panic!("expected a revision mismatch at 4, got {other:?}"),
+    }
+    assert_eq!(a.apply(id, set("a", 3, expecting(4))).await.unwrap().revision, 5);
+    assert_eq!(b.read(id).await.unwrap().revision, 5);
+
+    // Leases: A's cached head is current, but B took a lease since.
+    let other = ConnectionId::random();
+    a.apply(other, set("s", 1, Guard::default())).await.unwrap();
+    let lease = b
+        .lease(other, LeaseOp::Acquire { holder: "sync-on-b".to_owned(), ttl_ms: 60_000 })
+        .await
+        .unwrap()
+        .expect("a lease");
+    match a.apply(other, set("s", 2, respecting.clone())).await {
+        Err(StoreError::Refused(Refusal::Locked { holder, .. })) => assert_eq!(holder, "sync-on-b"),
+        other => panic!("expected the write refused by B's lease, got {other:?}"),
+    }
+    let with_token = Guard { lease_token: Some(lease.token.clone()), ..respecting.clone() };
+    assert_eq!(a.apply(other, set("s", 3, with_token.clone())).await.unwrap().revision, 2);
+    // The cached head is current and the write names the lease: B releasing
+    // it is all that changed.
+    b.lease(other, LeaseOp::Release { token: lease.token.clone() }).await.unwrap();
+    match a.apply(other, set("s", 4, with_token)).await {
+        Err(StoreError::Refused(Refusal::StaleLease)) => {}
+        other => panic!("expected a stale lease, got {other:?}"),
+    }
+    assert_eq!(a.apply(other, set("s", 5, respecting)).await.unwrap().revision, 3);
+    let state = b.read(other).await.unwrap();
+    assert_eq!(state.revision, 3);
+    assert_eq!(state.entries[0].1, Blob::from_json("5"));
+}

@@ -26,6 +26,10 @@ use crate::state::{advance, Blob, ConnectionId, Effect, EntryFinder, EntryKey, S
 pub struct Version {
     pub revision: u64,
     pub epoch: i64,
+    /// The connection's next entry position. It follows from the two
+    /// above (only a write or an import moves it); it is kept so that a
+    /// writer can take the whole header from the cache.
+    pub next_seq: i64,
 }
 
 /// A connection's row, as both backends read it.
@@ -41,7 +45,7 @@ pub struct Header {
 impl Header {
     /// The version a cached state must have to be this connection's.
     pub fn version(&self) -> Version {
-        Version { revision: self.revision, epoch: self.epoch }
+        Version { revision: self.revision, epoch: self.epoch, next_seq: self.next_seq }
     }
 }
 
@@ -196,20 +200,23 @@ impl StateCache {
         self.inner.lock().is_ok_and(|inner| inner.entries.contains_key(&id))
     }
 
-    /// The version held for `id` and, of `keys` (encoded), those present
+    /// The header held for `id` and, of `keys` (encoded), those present
     /// there with their blob and position: what a writer would otherwise
     /// read for them. Deferred effects are looked through, not folded in,
     /// so a run of one-stream writes to a large state stays cheap. `None`
     /// for a state of more than [`SCANNED_ENTRIES`] entries: finding a key
     /// in it costs more than the database's index (bench/: `stream/set` on
     /// a 10,000-stream connection went from 16k to 10k writes/s).
-    pub fn stored(&self, id: ConnectionId, keys: &[&EntryKey]) -> Option<(Version, StoredEntries)> {
+    pub fn stored(&self, id: ConnectionId, keys: &[&EntryKey]) -> Option<(Header, StoredEntries)> {
         let inner = self.inner.lock().ok()?;
         let (version, cached, _) = inner.entries.get(&id)?;
         if cached.state.entries.len() > SCANNED_ENTRIES {
             return None;
         }
-        let pending = inner.pending.get(&id).map_or(&[][..], |(effects, _)| effects.as_slice());
+        let (pending, state_type) = match inner.pending.get(&id) {
+            Some((effects, state_type)) => (effects.as_slice(), *state_type),
+            None => (&[][..], cached.state.state_type),
+        };
         let mut found = StoredEntries::with_capacity(keys.len());
         let mut rest = Vec::with_capacity(keys.len());
         for key in keys {
@@ -220,7 +227,8 @@ impl StateCache {
             }
         }
         found.extend(cached.stored(&rest));
-        Some((*version, found))
+        let Version { revision, epoch, next_seq } = *version;
+        Some((Header { state_type, revision, next_seq, epoch }, found))
     }
 
     /// Remembers the committed state of `id` at `version`, evicting the
@@ -348,7 +356,7 @@ mod tests {
         Cached { state: Arc::new(state), positions: Arc::new(vec![0]) }
     }
 
-    const V1: Version = Version { revision: 1, epoch: 0 };
+    const V1: Version = Version { revision: 1, epoch: 0, next_seq: 0 };
 
     #[test]
     fn an_entry_is_found_only_at_its_version() {
@@ -356,8 +364,8 @@ mod tests {
         let id = ConnectionId::random();
         cache.put(id, V1, state(10));
         assert!(cache.get(id, V1).is_some());
-        assert!(cache.get(id, Version { revision: 2, epoch: 0 }).is_none());
-        assert!(cache.get(id, Version { revision: 1, epoch: 9 }).is_none());
+        assert!(cache.get(id, Version { revision: 2, epoch: 0, next_seq: 0 }).is_none());
+        assert!(cache.get(id, Version { revision: 1, epoch: 9, next_seq: 0 }).is_none());
     }
 
     #[test]
@@ -370,14 +378,15 @@ mod tests {
         let entries = keys.iter().map(|key| (key.clone(), Blob::from_json("1"))).collect();
         let state = StoredState { state_type: Some(StateType::Stream), revision: 1, entries };
         cache.put(id, V1, Cached { state: Arc::new(state), positions: Arc::new((0..20).collect()) });
-        let v2 = Version { revision: 2, epoch: 0 };
+        let v2 = Version { revision: 2, epoch: 0, next_seq: 0 };
         let effects = vec![(keys[3].clone(), Some((Blob::from_json("2"), 3))), (keys[4].clone(), None)];
         cache.update(id, Update::Defer { from: V1, to: v2, effects, state_type: Some(StateType::Stream) });
 
         let missing = stream("none");
         for wanted in [vec![&keys[3], &keys[4], &keys[5], &missing], keys.iter().chain([&missing]).collect()] {
-            let (version, found) = cache.stored(id, &wanted).unwrap();
-            assert_eq!(version, v2);
+            let (header, found) = cache.stored(id, &wanted).unwrap();
+            assert_eq!(header.version(), v2);
+            assert_eq!(header.state_type, Some(StateType::Stream));
             assert_eq!(found.get(&keys[3].encode()).map(|(b, s)| (b.as_str(), *s)), Some(("2", 3)));
             assert_eq!(found.get(&keys[5].encode()).map(|(b, s)| (b.as_str(), *s)), Some(("1", 5)));
             assert!(!found.contains_key(&keys[4].encode()) && !found.contains_key(&missing.encode()));
@@ -413,7 +422,7 @@ mod tests {
         let cache = StateCache::new(1 << 20);
         let id = ConnectionId::random();
         cache.put(id, V1, state(10));
-        let v2 = Version { revision: 2, epoch: 0 };
+        let v2 = Version { revision: 2, epoch: 0, next_seq: 0 };
         let effects = vec![(EntryKey::Shared, Some((Blob::from_json("7"), 5)))];
         cache.update(id, Update::Defer { from: V1, to: v2, effects, state_type: Some(StateType::Global) });
         assert!(cache.get(id, V1).is_none());
@@ -422,7 +431,7 @@ mod tests {
         assert_eq!(read.state.entries.len(), 2);
         assert_eq!(*read.positions, [0, 5]);
         // A deferral from a version the cache does not hold drops the entry.
-        let v9 = Version { revision: 9, epoch: 0 };
+        let v9 = Version { revision: 9, epoch: 0, next_seq: 0 };
         cache.update(id, Update::Defer { from: V1, to: v9, effects: Vec::new(), state_type: None });
         assert!(cache.get(id, v9).is_none());
     }
@@ -432,7 +441,7 @@ mod tests {
         let cache = StateCache::new(1 << 20);
         let id = ConnectionId::random();
         let since = cache.commits();
-        cache.committed([(id, Update::Put(Version { revision: 2, epoch: 0 }, state(10)))]);
+        cache.committed([(id, Update::Put(Version { revision: 2, epoch: 0, next_seq: 0 }, state(10)))]);
         cache.put_unless_committed_since(id, V1, state(10), since);
         assert_eq!(cache.current(id).unwrap().state.revision, 1, "the committed state stays");
         let other = ConnectionId::random();
@@ -447,7 +456,7 @@ mod tests {
         let cache = StateCache::new(1 << 20);
         let id = ConnectionId::random();
         cache.put(id, V1, state(10));
-        let (v2, v3) = (Version { revision: 2, epoch: 0 }, Version { revision: 3, epoch: 0 });
+        let (v2, v3) = (Version { revision: 2, epoch: 0, next_seq: 0 }, Version { revision: 3, epoch: 0, next_seq: 0 });
         cache.committed([(id, Update::Defer { from: v2, to: v3, effects: Vec::new(), state_type: None })]);
         assert!(cache.current(id).is_none());
         cache.put(id, V1, state(10));
@@ -461,7 +470,10 @@ mod tests {
         let id = ConnectionId::random();
         cache.put(id, V1, state(10));
         for revision in 1..=1000u64 {
-            let (from, to) = (Version { revision, epoch: 0 }, Version { revision: revision + 1, epoch: 0 });
+            let (from, to) = (
+                Version { revision, epoch: 0, next_seq: 0 },
+                Version { revision: revision + 1, epoch: 0, next_seq: 0 },
+            );
             let effects = vec![(EntryKey::Shared, Some((Blob::from_json(&revision.to_string()), 5)))];
             cache.update(id, Update::Defer { from, to, effects, state_type: Some(StateType::Global) });
         }

@@ -14,6 +14,11 @@
 //! Across nodes, each connection is serialised by its advisory lock, which
 //! a batch takes for all its connections in one statement, in ascending key
 //! order, so two batches cannot deadlock.
+//!
+//! A batch whose connections the cache holds goes to the server in one
+//! round trip, checked there against what the cache assumed; any other, or
+//! one the check refuses, in two, reading the connections first
+//! ([`apply_batch`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -27,7 +32,7 @@ use super::queries::{current_keys, decode_key, entries, header_now_and_lease_fro
 use super::{bounded, classify, lock_key, pool_error, Guarded};
 use crate::state::ops::{check_guard, plan, Context, Needs, Operation, Plan, WriteRequest};
 use crate::state::{advance, changes, Blob, Change, ConnectionId, Effect, EntryKey, StoredState};
-use crate::store::cache::{Cached, Header, StateCache, StoredEntries, Update};
+use crate::store::cache::{Cached, Header, StateCache, StoredEntries, Update, Version};
 use crate::store::{Applied, Lease, StoreError};
 
 /// Most writes one transaction carries.
@@ -56,6 +61,23 @@ const HEADERS: &str = "SELECT c.state_type, c.revision, c.next_seq, c.epoch, \
        WHERE connection_id = t.id LIMIT 1) c ON true \
      LEFT JOIN LATERAL (SELECT holder, token, expires_at_ms FROM leases \
        WHERE connection_id = t.id LIMIT 1) l ON true";
+/// Per connection, what a batch applied without reading first assumed
+/// (see [`apply_assumed`]): its revision, epoch and next position, and
+/// either a live lease with the token given or, with no token and leases
+/// respected, no live lease. Fails the transaction with [`STALE`] unless
+/// every connection is as assumed.
+const EXPECT: &str = "SELECT highwater_expect(count(*) = 0) \
+     FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::text[], $6::bool[]) \
+       AS t(id, rev, epoch, next_seq, token, respect) \
+     LEFT JOIN LATERAL (SELECT revision, epoch, next_seq FROM connections \
+       WHERE connection_id = t.id LIMIT 1) c ON true \
+     LEFT JOIN LATERAL (SELECT token, expires_at_ms > (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS live \
+       FROM leases WHERE connection_id = t.id LIMIT 1) l ON true \
+     WHERE (COALESCE(c.revision, 0), COALESCE(c.epoch, 0), COALESCE(c.next_seq, 0)) <> (t.rev, t.epoch, t.next_seq) \
+       OR CASE WHEN t.token IS NOT NULL THEN NOT COALESCE(l.live AND l.token = t.token, false) \
+         ELSE t.respect AND COALESCE(l.live, false) END";
+/// The SQLSTATE `highwater_expect` fails with (migrations/postgres/0003).
+const STALE: &str = "HW001";
 /// The stored blob and position of (connection, key) pairs.
 const STORED: &str = "SELECT t.c, t.k, ch.blob, e.seq \
      FROM unnest($1::text[], $2::text[]) AS t(c, k) \
@@ -76,11 +98,11 @@ const SET_ENTRIES: &str = "INSERT INTO entries (connection_id, entry_key, revisi
 /// Each written connection's row and revision row, its type set only if an
 /// entry remains: known to Highwater when it had the state before the
 /// write, else looked up (COALESCE evaluates the lookup only then; the
-/// statement sees the entry changes sent before it). Returns each
-/// connection's type after the write.
+/// statement sees the entry changes sent before it). A revision is dated
+/// by the database's clock. Returns each connection's type after the write.
 const FINISH_REVISIONS: &str = "WITH t AS ( \
-       SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::int8[], $6::text[], $7::text[], \
-         $8::bool[]) AS t(id, rev, next_seq, st, at_ms, actor, reason, remaining)), \
+       SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::bool[]) \
+         AS t(id, rev, next_seq, st, actor, reason, remaining)), \
      header AS ( \
        INSERT INTO connections (connection_id, state_type, revision, next_seq) \
        SELECT t.id, CASE WHEN COALESCE(t.remaining, (SELECT true FROM entries WHERE connection_id = t.id \
@@ -89,7 +111,8 @@ const FINISH_REVISIONS: &str = "WITH t AS ( \
          revision = excluded.revision, next_seq = excluded.next_seq \
        RETURNING connection_id, state_type) \
      INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
-     SELECT t.id, t.rev, t.at_ms, h.state_type, t.actor, t.reason FROM t JOIN header h ON h.connection_id = t.id \
+     SELECT t.id, t.rev, (extract(epoch FROM clock_timestamp()) * 1000)::bigint, h.state_type, t.actor, t.reason \
+     FROM t JOIN header h ON h.connection_id = t.id \
      RETURNING connection_id, state_type";
 
 /// What one write produces: the caller's answer and what to cache.
@@ -121,6 +144,7 @@ struct Committer {
     cache: Arc<StateCache>,
     operation_timeout: Duration,
     waiting: Mutex<Waiting>,
+    shared: Shared,
 }
 
 impl Batcher {
@@ -128,8 +152,13 @@ impl Batcher {
     /// and the queue is empty.
     pub fn start(pool: Pool, cache: Arc<StateCache>, operation_timeout: Duration, tasks: usize) -> Self {
         let (queue, jobs) = mpsc::channel(QUEUE_DEPTH);
-        let committer =
-            Arc::new(Committer { pool, cache, operation_timeout, waiting: Mutex::new(Waiting { jobs, held: None }) });
+        let committer = Arc::new(Committer {
+            pool,
+            cache,
+            operation_timeout,
+            waiting: Mutex::new(Waiting { jobs, held: None }),
+            shared: Shared::default(),
+        });
         for _ in 0..tasks.max(1) {
             let committer = committer.clone();
             tokio::spawn(async move { while committer.commit_next().await {} });
@@ -164,14 +193,15 @@ impl Committer {
         let started = std::time::Instant::now();
         let outcome = bounded(self.operation_timeout, async {
             let mut client = Guarded(Some(self.pool.get().await.map_err(pool_error)?), false);
-            let outcome = apply_batch(client.object()?, &writes, &self.cache).await;
+            let outcome = apply_batch(client.object()?, &writes, &self.cache, &self.shared).await;
             // Any failure may leave the session inside the transaction.
             client.1 = outcome.is_ok();
             outcome
         })
         .await;
-        tracing::debug!(writes = jobs.len(), elapsed_us = started.elapsed().as_micros() as u64, "write batch");
-        match outcome {
+        let path = outcome.as_ref().map_or(None, |(_, path)| Some(*path));
+        tracing::debug!(writes = jobs.len(), elapsed_us = started.elapsed().as_micros() as u64, ?path, "write batch");
+        match outcome.map(|(outcomes, _)| outcomes) {
             Ok(outcomes) => {
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
                     let answer = outcome.map(|(applied, update)| {
@@ -246,10 +276,9 @@ fn own<T>(result: Result<T, StoreError>) -> Result<Result<T, StoreError>, StoreE
     }
 }
 
-/// A write checked and planned under its connection's lock.
+/// A write checked and planned against its connection's head.
 struct Checked<'r> {
     before: Header,
-    now_ms: i64,
     request: &'r WriteRequest,
     plan: Plan,
 }
@@ -278,26 +307,180 @@ struct Known {
 /// `Err` fails the whole batch: nothing was committed unless the batch was
 /// lost at its COMMIT, and the client's session is in an unknown state.
 ///
-/// In phases, each write's results kept at its index: read under the
-/// connections' locks (the first round trip), check and plan each write,
-/// decide what each changes, send every change with the COMMIT (the
-/// second), then answer each write.
+/// When the cache holds every connection, and none is known to be
+/// written through other nodes too, the batch is first tried in one round
+/// trip ([`apply_assumed`]); otherwise, or when the database turns out to
+/// hold something else, in two ([`apply_locked`]).
 pub async fn apply_batch(
     client: &impl GenericClient,
     writes: &[(ConnectionId, &WriteRequest)],
     cache: &StateCache,
-) -> Result<Vec<Outcome>, StoreError> {
+    shared: &Shared,
+) -> Result<(Vec<Outcome>, Path), StoreError> {
     let ids: Vec<String> = writes.iter().map(|(id, _)| id.to_string()).collect();
-    let Locked { heads, mut known, position } = read_locked(client, writes, &ids, cache).await?;
-    let checked = check_and_plan(client, writes, &ids, heads, &mut known, &position).await?;
-    let decided: Vec<Result<Option<Written<'_>>, StoreError>> =
-        writes.iter().zip(&checked).zip(&known).map(|(((id, _), check), known)| decide(*id, check, known)).collect();
-    // The new state of a write that returns it is computed from the state
-    // before it when that is cached, else read back inside the transaction
-    // (COMMIT then waits for it; otherwise it goes with the changes).
-    let states: Vec<States> = writes
+    let (assumed, path) = match apply_assumed(client, writes, &ids, cache, shared).await? {
+        Assumed::Applied(outcomes) => return Ok((outcomes, Path::Assumed)),
+        Assumed::Stale(assumed) => (Some(assumed), Path::Stale),
+        Assumed::Skipped => (None, Path::Locked),
+    };
+    let (outcomes, read) = apply_locked(client, writes, &ids, cache).await?;
+    if let Some(assumed) = assumed {
+        shared.learn(writes.iter().zip(assumed.iter().zip(&read)).filter(|(_, (a, r))| a != r).map(|((id, _), _)| *id));
+    }
+    Ok((outcomes, path))
+}
+
+/// The connections this node found written by another node since it last
+/// wrote them: their cached heads are likely stale again next time, and a
+/// failed assumption costs a round trip, so their writes read the heads
+/// first. Forgotten all at once beyond [`SHARED_LIMIT`], then learnt again.
+#[derive(Default)]
+pub struct Shared(std::sync::Mutex<HashSet<ConnectionId>>);
+
+/// Most connections [`Shared`] remembers.
+const SHARED_LIMIT: usize = 10_000;
+
+impl Shared {
+    fn holds(&self, id: ConnectionId) -> bool {
+        self.0.lock().is_ok_and(|shared| shared.contains(&id))
+    }
+
+    fn learn(&self, ids: impl Iterator<Item = ConnectionId>) {
+        if let Ok(mut shared) = self.0.lock() {
+            for id in ids {
+                if shared.len() >= SHARED_LIMIT {
+                    shared.clear();
+                }
+                shared.insert(id);
+            }
+        }
+    }
+}
+
+/// How a batch was applied, for the log.
+#[derive(Debug, Clone, Copy)]
+pub enum Path {
+    /// In one round trip, on heads taken from the cache.
+    Assumed,
+    /// Reading the heads under the locks first.
+    Locked,
+    /// Reading the heads under the locks after the database showed the
+    /// cached heads stale (another node wrote, or a lease changed).
+    Stale,
+}
+
+/// What became of a batch tried in one round trip.
+enum Assumed {
+    Applied(Vec<Outcome>),
+    /// A write cannot be applied from the cache alone, or its connection
+    /// is [`Shared`]; nothing was sent.
+    Skipped,
+    /// The database did not hold what the cache did (the versions assumed,
+    /// by write); nothing was written.
+    Stale(Vec<Version>),
+}
+
+/// Applies the batch in one round trip, taking each connection's head,
+/// lease and touched entries from the cache instead of reading them: the
+/// changes go to the database with BEGIN, the locks and [`EXPECT`], which
+/// fails the transaction unless every head and lease is as assumed. The
+/// batch's outcomes are then exactly those [`apply_locked`] would give.
+///
+/// The cache holds a connection's head as of this node's last commit or
+/// read of it, so the assumption fails only when another node wrote the
+/// connection, or a lease was taken, renewed or released, since. Only
+/// writes that read nothing beyond their own entries (not restores or
+/// resets) and whose new state, when returned, follows from the cache can
+/// go this way.
+async fn apply_assumed(
+    client: &impl GenericClient,
+    writes: &[(ConnectionId, &WriteRequest)],
+    ids: &[String],
+    cache: &StateCache,
+    shared: &Shared,
+) -> Result<Assumed, StoreError> {
+    let mut heads = Vec::with_capacity(writes.len());
+    let mut known = Vec::with_capacity(writes.len());
+    for (id, request) in writes {
+        if request.operation.needs() != Needs::Nothing || shared.holds(*id) {
+            return Ok(Assumed::Skipped);
+        }
+        let likely = likely_keys(&request.operation);
+        let Some((before, stored)) = cache.stored(*id, &likely.iter().collect::<Vec<_>>()) else {
+            return Ok(Assumed::Skipped);
+        };
+        // The lease the guard needs, verified by EXPECT: the one its token
+        // names, else (when leases are respected) none.
+        let lease = request.guard.lease_token.as_ref().map(|token| Lease {
+            holder: String::new(),
+            token: token.clone(),
+            expires_at_ms: i64::MAX,
+        });
+        heads.push(Head { before, lease });
+        known.push(Known { covered: likely.iter().map(EntryKey::encode).collect(), stored });
+    }
+    let expected = Expected::of(writes, ids, &heads);
+    let mut checked = Vec::with_capacity(writes.len());
+    for (((_, request), head), known) in writes.iter().zip(heads).zip(&known) {
+        let one = check_guard(&request.guard, head.before.revision, head.lease.as_ref())
+            .map_err(StoreError::from)
+            .and_then(|()| planned(request, head.before, &Context::default()));
+        if let Ok(check) = &one {
+            if check.plan.ops.iter().any(|op| !known.covered.contains(&op.key.encode())) {
+                return Ok(Assumed::Skipped);
+            }
+        }
+        checked.push(one);
+    }
+    let (decided, states) = decide_all(writes, &checked, &known, cache);
+    if reads_back(&checked, &states) {
+        return Ok(Assumed::Skipped);
+    }
+    let Some(remaining) = rows(ids, &checked, &decided, &states).send(client, Some(&expected), true).await? else {
+        return Ok(Assumed::Stale(expected.versions()));
+    };
+    Ok(Assumed::Applied(answer(client, cache, writes, &checked, decided, states, &remaining).await?))
+}
+
+/// Applies the batch in two round trips: read under the connections' locks
+/// (the first), check and plan each write, decide what each changes, send
+/// every change with the COMMIT (the second), then answer each write.
+async fn apply_locked(
+    client: &impl GenericClient,
+    writes: &[(ConnectionId, &WriteRequest)],
+    ids: &[String],
+    cache: &StateCache,
+) -> Result<(Vec<Outcome>, Vec<Version>), StoreError> {
+    let Locked { heads, mut known, position } = read_locked(client, writes, ids, cache).await?;
+    let read = heads.iter().map(|head| head.before.version()).collect();
+    let checked = check_and_plan(client, writes, ids, heads, &mut known, &position).await?;
+    let (decided, states) = decide_all(writes, &checked, &known, cache);
+    let reads_back = reads_back(&checked, &states);
+    let remaining = rows(ids, &checked, &decided, &states).send(client, None, !reads_back).await?.unwrap_or_default();
+    let outcomes = answer(client, cache, writes, &checked, decided, states, &remaining).await?;
+    if reads_back {
+        client.batch_execute("COMMIT").await.map_err(classify)?;
+    }
+    Ok((outcomes, read))
+}
+
+type Decided<'p> = Result<Option<Written<'p>>, StoreError>;
+
+/// What each checked write changes, and its states before and after when
+/// it returns the state: the new state is computed from the state before
+/// the write when that is cached, else read back inside the transaction
+/// (COMMIT then waits for it; otherwise it goes with the changes).
+fn decide_all<'p>(
+    writes: &[(ConnectionId, &WriteRequest)],
+    checked: &'p [Result<Checked<'_>, StoreError>],
+    known: &[Known],
+    cache: &StateCache,
+) -> (Vec<Decided<'p>>, Vec<States>) {
+    let decided: Vec<Decided<'p>> =
+        writes.iter().zip(checked).zip(known).map(|(((id, _), check), known)| decide(*id, check, known)).collect();
+    let states = writes
         .iter()
-        .zip(&checked)
+        .zip(checked)
         .zip(&decided)
         .map(|(((id, _), check), decision)| {
             let Ok(check) = check else { return States::default() };
@@ -312,16 +495,15 @@ pub async fn apply_batch(
             States { base, next }
         })
         .collect();
-    let reads_back = checked
+    (decided, states)
+}
+
+/// Whether a write returns a state that must be read back.
+fn reads_back(checked: &[Result<Checked<'_>, StoreError>], states: &[States]) -> bool {
+    checked
         .iter()
-        .zip(&states)
-        .any(|(check, states)| matches!(check, Ok(c) if c.request.return_state && states.base.is_none()));
-    let remaining = rows(&ids, &checked, &decided, &states).send(client, !reads_back).await?;
-    let outcomes = answer(client, cache, writes, &checked, decided, states, &remaining).await?;
-    if reads_back {
-        client.batch_execute("COMMIT").await.map_err(classify)?;
-    }
-    Ok(outcomes)
+        .zip(states)
+        .any(|(check, states)| matches!(check, Ok(c) if c.request.return_state && states.base.is_none()))
 }
 
 /// A write's state before it, when it returns the state and that is
@@ -332,12 +514,10 @@ struct States {
     next: Option<(StoredState, Vec<i64>)>,
 }
 
-/// A write's connection as read under its lock: its row (the default for a
-/// connection never written), the database clock in Unix milliseconds, and
-/// its lease.
+/// A write's connection: its row (the default for a connection never
+/// written) and its live lease.
 struct Head {
     before: Header,
-    now_ms: i64,
     lease: Option<Lease>,
 }
 
@@ -347,6 +527,14 @@ struct Locked<'i> {
     known: Vec<Known>,
     /// Each write's index, by connection id: where a row of [`STORED`] goes.
     position: HashMap<&'i str, usize>,
+}
+
+/// Every connection's advisory-lock key, ascending, as [`LOCK_ALL`] takes them.
+fn lock_keys(writes: &[(ConnectionId, &WriteRequest)]) -> Vec<i64> {
+    let mut keys: Vec<i64> = writes.iter().map(|(id, _)| lock_key(*id)).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
 }
 
 /// Opens the transaction, takes every connection's lock and reads each
@@ -359,9 +547,7 @@ async fn read_locked<'i>(
     cache: &StateCache,
 ) -> Result<Locked<'i>, StoreError> {
     let position: HashMap<&str, usize> = ids.iter().enumerate().map(|(at, id)| (id.as_str(), at)).collect();
-    let mut lock_keys: Vec<i64> = writes.iter().map(|(id, _)| lock_key(*id)).collect();
-    lock_keys.sort_unstable();
-    lock_keys.dedup();
+    let lock_keys = lock_keys(writes);
     // The entries a write will likely touch, from the cache when it holds
     // the connection (used if the head shows it is current), else read with
     // the head.
@@ -402,12 +588,12 @@ async fn read_locked<'i>(
             rows.get(id_text).ok_or_else(|| StoreError::Internal(format!("no header row for connection {id}")))?;
         let (before, now_ms, lease) = header_now_and_lease_from(row, *id)?;
         let before = before.unwrap_or_default();
-        if let Some((version, held)) = held {
-            if version == before.version() {
+        if let Some((held_at, held)) = held {
+            if held_at.version() == before.version() {
                 *known = held;
             }
         }
-        heads.push(Head { before, now_ms, lease });
+        heads.push(Head { before, lease: lease.filter(|lease| lease.is_live(now_ms)) });
     }
     Ok(Locked { heads, known, position })
 }
@@ -425,22 +611,23 @@ async fn check_and_plan<'r>(
     let mut checked = Vec::with_capacity(writes.len());
     let mut missing: Vec<(&str, String)> = Vec::new();
     for ((((id, request), id_text), head), known) in writes.iter().zip(ids).zip(heads).zip(known.iter()) {
-        let Head { before, now_ms, lease } = head;
-        let one = match check_guard(&request.guard, before.revision, lease.as_ref().filter(|l| l.is_live(now_ms))) {
+        let one = match check_guard(&request.guard, head.before.revision, head.lease.as_ref()) {
             Err(refusal) => Err(refusal.into()),
             Ok(()) => own(context(client, *id, &request.operation).await)?
-                .and_then(|context| Ok(plan(&request.operation, before.state_type, &context)?)),
+                .and_then(|context| planned(request, head.before, &context)),
         };
-        if let Ok(plan) = &one {
+        if let Ok(check) = &one {
             missing.extend(
-                plan.ops
+                check
+                    .plan
+                    .ops
                     .iter()
                     .map(|op| op.key.encode())
                     .filter(|key| !known.covered.contains(key))
                     .map(|key| (id_text.as_str(), key)),
             );
         }
-        checked.push(one.map(|plan| Checked { before, now_ms, request, plan }));
+        checked.push(one);
     }
     if !missing.is_empty() {
         let stored = prepare(client, STORED).await?;
@@ -449,6 +636,12 @@ async fn check_and_plan<'r>(
         add_stored(known, position, rows);
     }
     Ok(checked)
+}
+
+/// Plans a write whose guard passed against its connection's head.
+fn planned<'r>(request: &'r WriteRequest, before: Header, context: &Context) -> Result<Checked<'r>, StoreError> {
+    let plan = plan(&request.operation, before.state_type, context)?;
+    Ok(Checked { before, request, plan })
 }
 
 /// What a checked write changes, numbered: `None` when it changes nothing
@@ -493,7 +686,6 @@ fn rows<'a>(
             revision: written.revision,
             next_seq: written.next_seq,
             state_type: check.plan.state_type.map(|t| t.as_str()),
-            at_ms: check.now_ms,
             actor: &meta.actor,
             reason: &meta.reason,
             remaining: states.next.as_ref().map(|(state, _)| !state.entries.is_empty()),
@@ -702,7 +894,6 @@ struct RevisionRows<'a> {
     revisions: Vec<i64>,
     next_seqs: Vec<i64>,
     types: Vec<Option<&'static str>>,
-    at_ms: Vec<i64>,
     actors: Vec<&'a Option<String>>,
     reasons: Vec<&'a Option<String>>,
     remaining: Vec<Option<bool>>,
@@ -715,7 +906,6 @@ struct Revision<'a> {
     next_seq: i64,
     /// The type the plan gives, kept only if an entry remains.
     state_type: Option<&'static str>,
-    at_ms: i64,
     actor: &'a Option<String>,
     reason: &'a Option<String>,
     /// Whether an entry remains, when known without asking the database.
@@ -728,10 +918,46 @@ impl<'a> RevisionRows<'a> {
         self.revisions.push(revision.revision);
         self.next_seqs.push(revision.next_seq);
         self.types.push(revision.state_type);
-        self.at_ms.push(revision.at_ms);
         self.actors.push(revision.actor);
         self.reasons.push(revision.reason);
         self.remaining.push(revision.remaining);
+    }
+}
+
+/// The locks and the [`EXPECT`] rows of a batch applied without reading
+/// first.
+struct Expected<'a> {
+    lock_keys: Vec<i64>,
+    ids: &'a [String],
+    revisions: Vec<i64>,
+    epochs: Vec<i64>,
+    next_seqs: Vec<i64>,
+    tokens: Vec<Option<&'a str>>,
+    respect: Vec<bool>,
+}
+
+impl<'a> Expected<'a> {
+    fn of(writes: &[(ConnectionId, &'a WriteRequest)], ids: &'a [String], heads: &[Head]) -> Self {
+        let guards = writes.iter().map(|(_, request)| &request.guard);
+        Self {
+            lock_keys: lock_keys(writes),
+            ids,
+            revisions: heads.iter().map(|head| head.before.revision as i64).collect(),
+            epochs: heads.iter().map(|head| head.before.epoch).collect(),
+            next_seqs: heads.iter().map(|head| head.before.next_seq).collect(),
+            tokens: guards.clone().map(|guard| guard.lease_token.as_deref()).collect(),
+            respect: guards.map(|guard| guard.respect_lease).collect(),
+        }
+    }
+
+    fn versions(&self) -> Vec<Version> {
+        (self.revisions.iter().zip(&self.epochs).zip(&self.next_seqs))
+            .map(|((revision, epoch), next_seq)| Version {
+                revision: *revision as u64,
+                epoch: *epoch,
+                next_seq: *next_seq,
+            })
+            .collect()
     }
 }
 
@@ -740,7 +966,21 @@ impl Rows<'_> {
     /// COMMIT when `commit`. Deletes go before inserts: a restore may give a
     /// kept entry the place of one it removes. Returns the written
     /// connections that still have an entry (and so a type).
-    async fn send(&self, client: &impl GenericClient, commit: bool) -> Result<HashSet<String>, StoreError> {
+    ///
+    /// With `expected`, the round trip opens the transaction, takes the
+    /// locks and checks what was assumed first; `None` then means the
+    /// check failed and the transaction rolled back (the COMMIT sent with
+    /// it ends it).
+    async fn send(
+        &self,
+        client: &impl GenericClient,
+        expected: Option<&Expected<'_>>,
+        commit: bool,
+    ) -> Result<Option<HashSet<String>>, StoreError> {
+        let prelude = match expected {
+            Some(_) => Some((prepare(client, LOCK_ALL).await?, prepare(client, EXPECT).await?)),
+            None => None,
+        };
         let record = prepare(client, RECORD_CHANGES).await?;
         let delete = prepare(client, DELETE_ENTRIES).await?;
         let set = prepare(client, SET_ENTRIES).await?;
@@ -749,8 +989,25 @@ impl Rows<'_> {
         let written = !self.revisions.ids.is_empty();
         let (c, e, r) = (&self.changes, &self.set, &self.revisions);
         let skip = || async { Ok::<u64, tokio_postgres::Error>(0) };
-        let (_, _, _, finished, ()) = tokio::try_join!(
+        let sent = tokio::try_join!(
             biased;
+            async {
+                match (expected, &prelude) {
+                    (Some(x), Some((lock, expect))) => {
+                        let lock_params: [&(dyn ToSql + Sync); 1] = [&x.lock_keys];
+                        let expect_params: [&(dyn ToSql + Sync); 6] =
+                            [&x.ids, &x.revisions, &x.epochs, &x.next_seqs, &x.tokens, &x.respect];
+                        let (_, _, _) = tokio::try_join!(
+                            biased;
+                            client.batch_execute("BEGIN"),
+                            client.execute(lock, &lock_params),
+                            client.execute(expect, &expect_params),
+                        )?;
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                }
+            },
             async {
                 if written { client.execute(&record, &[&c.ids, &c.revisions, &c.keys, &c.blobs, &c.seqs]).await } else { skip().await }
             },
@@ -763,16 +1020,22 @@ impl Rows<'_> {
             async {
                 if written {
                     client
-                        .query(&finish, &[&r.ids, &r.revisions, &r.next_seqs, &r.types, &r.at_ms, &r.actors, &r.reasons, &r.remaining])
+                        .query(&finish, &[&r.ids, &r.revisions, &r.next_seqs, &r.types, &r.actors, &r.reasons, &r.remaining])
                         .await
                 } else {
                     Ok(Vec::new())
                 }
             },
             async { if commit { client.batch_execute("COMMIT").await } else { Ok(()) } },
-        )
-        .map_err(classify)?;
-        Ok(finished.into_iter().filter(|row| row.get::<_, Option<&str>>(1).is_some()).map(|row| row.get(0)).collect())
+        );
+        let finished = match sent {
+            Ok(((), _, _, _, finished, ())) => finished,
+            Err(error) if error.code().is_some_and(|code| code.code() == STALE) => return Ok(None),
+            Err(error) => return Err(classify(error)),
+        };
+        Ok(Some(
+            finished.into_iter().filter(|row| row.get::<_, Option<&str>>(1).is_some()).map(|row| row.get(0)).collect(),
+        ))
     }
 }
 

@@ -10,6 +10,7 @@ use crate::store::StoreError;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/postgres/0001_init.sql"),
     include_str!("../../../migrations/postgres/0002_fewer_write_indexes.sql"),
+    include_str!("../../../migrations/postgres/0003_expect.sql"),
 ];
 
 /// Serialises migrations across nodes.

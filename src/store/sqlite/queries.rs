@@ -132,7 +132,7 @@ pub fn apply(
     let stored = match base.clone().or_else(|| group.get(id, before.version())) {
         Some(state) => state.stored(&keys),
         None => match cache.stored(id, &keys) {
-            Some((version, stored)) if version == before.version() => stored,
+            Some((held, stored)) if held.version() == before.version() => stored,
             _ => stored_entries(conn, &id_text, &plan.ops)?,
         },
     };
