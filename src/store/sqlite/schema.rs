@@ -12,6 +12,7 @@ const APPLICATION_ID: i64 = 0x4857_5452;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0001_init.sql"),
     include_str!("../../../migrations/sqlite/0002_fewer_write_indexes.sql"),
+    include_str!("../../../migrations/sqlite/0003_checks_without_lists.sql"),
 ];
 
 /// Why a database file cannot be used. Shown at start-up, so it names the
@@ -180,6 +181,11 @@ fn migrate(conn: &mut Connection, path: &str, apply: bool) -> Result<(), OpenErr
     }
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         tx.execute_batch(sql).map_err(setup)?;
+        // DDL moves the schema cookie by itself; an edit of a table's text
+        // (schema 3) does not, and every connection, this one included,
+        // must see that the schema changed.
+        let cookie: i64 = tx.pragma_query_value(None, "schema_version", |row| row.get(0)).map_err(setup)?;
+        tx.pragma_update(None, "schema_version", cookie + 1).map_err(setup)?;
         tx.pragma_update(None, "user_version", (index + 1) as i64).map_err(setup)?;
         tracing::info!(path, version = index + 1, "applied SQLite migration");
     }
@@ -220,6 +226,70 @@ mod tests {
         assert_eq!(conn.query_row(dropped, [], |r| r.get::<_, i64>(0)).unwrap(), 0);
         let kept: i64 = conn.query_row("SELECT count(*) FROM connections", [], |r| r.get(0)).unwrap();
         assert_eq!(kept, 1);
+    }
+
+    /// The write path's statements on `connections` and `revisions`, and
+    /// the opcodes SQLite compiles them to on `conn`.
+    fn write_opcodes(conn: &Connection) -> Vec<String> {
+        let statements = [
+            "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (connection_id) DO UPDATE SET state_type = ?2, revision = ?3, next_seq = ?4",
+            "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        ];
+        let mut opcodes = Vec::new();
+        for sql in statements {
+            let mut explain = conn.prepare(&format!("EXPLAIN {sql}")).unwrap();
+            let count = explain.parameter_count();
+            let rows = explain.query_map(rusqlite::params_from_iter(vec![None::<i64>; count]), |r| r.get(1)).unwrap();
+            opcodes.extend(rows.map(Result::unwrap));
+        }
+        opcodes
+    }
+
+    #[test]
+    fn a_file_at_schema_2_gets_its_type_checks_without_temporary_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hw.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.execute_batch(MIGRATIONS[1]).unwrap();
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        conn.pragma_update(None, "application_id", APPLICATION_ID).unwrap();
+        conn.execute(
+            "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES ('c', 'stream', 1, 1)",
+            [],
+        )
+        .unwrap();
+        assert!(write_opcodes(&conn).iter().any(|op| op == "OpenEphemeral"), "schema 2 was expected to use them");
+        drop(conn);
+
+        // The connection that migrated is the one that goes on to write.
+        let conn = open_writer(&path, true).unwrap();
+        let ephemeral: Vec<String> = write_opcodes(&conn).into_iter().filter(|op| op == "OpenEphemeral").collect();
+        assert!(ephemeral.is_empty(), "the write statements still build temporary tables");
+        let insert = |table: &str, state_type: Option<&str>| {
+            let sql = match table {
+                "connections" => {
+                    "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES (?1, ?2, 1, 1)"
+                }
+                _ => "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type) VALUES (?1, 1, 0, ?2)",
+            };
+            conn.execute(sql, rusqlite::params![format!("{table}-{state_type:?}"), state_type])
+        };
+        for table in ["connections", "revisions"] {
+            for allowed in [Some("legacy"), Some("global"), Some("stream"), None] {
+                insert(table, allowed).unwrap_or_else(|e| panic!("{table} refused {allowed:?}: {e}"));
+            }
+            for refused in [Some("not_set"), Some("Stream"), Some("")] {
+                assert!(insert(table, refused).is_err(), "{table} accepted {refused:?}");
+            }
+        }
+        let kept: String =
+            conn.query_row("SELECT state_type FROM connections WHERE connection_id = 'c'", [], |r| r.get(0)).unwrap();
+        assert_eq!(kept, "stream");
+        let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        assert_eq!(check, "ok");
     }
 
     #[test]
