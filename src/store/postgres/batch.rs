@@ -199,7 +199,7 @@ impl Committer {
             outcome
         })
         .await;
-        let path = outcome.as_ref().map_or(None, |(_, path)| Some(*path));
+        let path = outcome.as_ref().ok().map(|(_, path)| *path);
         tracing::debug!(writes = jobs.len(), elapsed_us = started.elapsed().as_micros() as u64, ?path, "write batch");
         match outcome.map(|(outcomes, _)| outcomes) {
             Ok(outcomes) => {
@@ -420,6 +420,7 @@ async fn apply_assumed(
         known.push(Known { covered: likely.iter().map(EntryKey::encode).collect(), stored });
     }
     let expected = Expected::of(writes, ids, &heads);
+    let assumed: Vec<Version> = heads.iter().map(|head| head.before.version()).collect();
     let mut checked = Vec::with_capacity(writes.len());
     for (((_, request), head), known) in writes.iter().zip(heads).zip(&known) {
         let one = check_guard(&request.guard, head.before.revision, head.lease.as_ref())
@@ -437,7 +438,7 @@ async fn apply_assumed(
         return Ok(Assumed::Skipped);
     }
     let Some(remaining) = rows(ids, &checked, &decided, &states).send(client, Some(&expected), true).await? else {
-        return Ok(Assumed::Stale(expected.versions()));
+        return Ok(Assumed::Stale(assumed));
     };
     Ok(Assumed::Applied(answer(client, cache, writes, &checked, decided, states, &remaining).await?))
 }
@@ -948,16 +949,6 @@ impl<'a> Expected<'a> {
             tokens: guards.clone().map(|guard| guard.lease_token.as_deref()).collect(),
             respect: guards.map(|guard| guard.respect_lease).collect(),
         }
-    }
-
-    fn versions(&self) -> Vec<Version> {
-        (self.revisions.iter().zip(&self.epochs).zip(&self.next_seqs))
-            .map(|((revision, epoch), next_seq)| Version {
-                revision: *revision as u64,
-                epoch: *epoch,
-                next_seq: *next_seq,
-            })
-            .collect()
     }
 }
 

@@ -164,16 +164,10 @@ pub fn apply(
     };
     let state_type = plan.state_type.filter(|_| remaining);
     let new_type = state_type.map(StateType::as_str);
+    exec(conn, SET_HEADER, params![id_text, new_type, revision as i64, next_seq])?;
     exec(
         conn,
-        "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES (?1, ?2, ?3, ?4) \
-         ON CONFLICT (connection_id) DO UPDATE SET state_type = ?2, revision = ?3, next_seq = ?4",
-        params![id_text, new_type, revision as i64, next_seq],
-    )?;
-    exec(
-        conn,
-        "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        ADD_REVISION,
         params![id_text, revision as i64, now_ms, new_type, request.meta.actor, request.meta.reason],
     )?;
     let after = Header { state_type, revision, next_seq, epoch: before.epoch };
@@ -205,6 +199,14 @@ pub fn apply(
     };
     Ok((Applied { revision, changed: true, state }, Some(update)))
 }
+
+/// A written connection's row: type, revision and next position.
+pub const SET_HEADER: &str = "INSERT INTO connections (connection_id, state_type, revision, next_seq) \
+     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (connection_id) DO UPDATE SET state_type = ?2, revision = ?3, next_seq = ?4";
+/// A write's revision row.
+pub const ADD_REVISION: &str =
+    "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
 /// The stored blob and position of each key the ops touch.
 fn stored_entries(conn: &Connection, id: &str, ops: &[EntryOp]) -> Result<StoredEntries, StoreError> {

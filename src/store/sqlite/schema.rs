@@ -209,14 +209,22 @@ mod tests {
         open_writer(&path, true).unwrap();
     }
 
+    /// A Highwater file at an older schema `version`, as that version made it.
+    fn file_at_schema(path: &Path, version: usize) -> Connection {
+        let conn = Connection::open(path).unwrap();
+        for sql in &MIGRATIONS[..version] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", version as i64).unwrap();
+        conn.pragma_update(None, "application_id", APPLICATION_ID).unwrap();
+        conn
+    }
+
     #[test]
     fn a_file_at_schema_1_is_upgraded_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hw.db");
-        let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(MIGRATIONS[0]).unwrap();
-        conn.pragma_update(None, "user_version", 1).unwrap();
-        conn.pragma_update(None, "application_id", APPLICATION_ID).unwrap();
+        let conn = file_at_schema(&path, 1);
         conn.execute("INSERT INTO connections (connection_id, revision, next_seq) VALUES ('c', 1, 1)", []).unwrap();
         drop(conn);
         let conn = open_writer(&path, true).unwrap();
@@ -228,17 +236,12 @@ mod tests {
         assert_eq!(kept, 1);
     }
 
-    /// The write path's statements on `connections` and `revisions`, and
-    /// the opcodes SQLite compiles them to on `conn`.
+    /// The opcodes SQLite compiles the write path's statements on
+    /// `connections` and `revisions` to, on `conn`.
     fn write_opcodes(conn: &Connection) -> Vec<String> {
-        let statements = [
-            "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (connection_id) DO UPDATE SET state_type = ?2, revision = ?3, next_seq = ?4",
-            "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        ];
+        use crate::store::sqlite::queries::{ADD_REVISION, SET_HEADER};
         let mut opcodes = Vec::new();
-        for sql in statements {
+        for sql in [SET_HEADER, ADD_REVISION] {
             let mut explain = conn.prepare(&format!("EXPLAIN {sql}")).unwrap();
             let count = explain.parameter_count();
             let rows = explain.query_map(rusqlite::params_from_iter(vec![None::<i64>; count]), |r| r.get(1)).unwrap();
@@ -251,11 +254,7 @@ mod tests {
     fn a_file_at_schema_2_gets_its_type_checks_without_temporary_tables() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hw.db");
-        let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(MIGRATIONS[0]).unwrap();
-        conn.execute_batch(MIGRATIONS[1]).unwrap();
-        conn.pragma_update(None, "user_version", 2).unwrap();
-        conn.pragma_update(None, "application_id", APPLICATION_ID).unwrap();
+        let conn = file_at_schema(&path, 2);
         conn.execute(
             "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES ('c', 'stream', 1, 1)",
             [],
