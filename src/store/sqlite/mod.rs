@@ -153,11 +153,12 @@ impl SqliteStore {
         let (writes, queue) = mpsc::channel(QUEUE_DEPTH);
         let cache = Arc::new(StateCache::new(cache_bytes));
         let durability = Arc::new(Durability::new());
-        let syncer = Syncer::start(path, durability.clone(), cache.clone())?;
+        let states = Arc::new(GroupStates::default());
+        let syncer = Syncer::start(path, durability.clone(), cache.clone(), states.clone())?;
         let begun = durability.clone();
         let writer = thread::Builder::new()
             .name("hw-sqlite-write".to_owned())
-            .spawn(move || write_loop(writer, queue, checkpointer, syncer, &begun))
+            .spawn(move || write_loop(writer, queue, checkpointer, syncer, &begun, &states))
             .map_err(OpenError::Thread)?;
         Ok(Self {
             path: path.to_owned(),
@@ -402,11 +403,9 @@ fn write_loop(
     checkpointer: checkpoint::Checkpointer,
     syncer: Syncer,
     durability: &Durability,
+    states: &GroupStates,
 ) {
     let mut seq = 0;
-    // What the writes of groups still waiting for their sync produced: the
-    // cache learns of them only once they are durable.
-    let mut states = GroupStates::default();
     while let Some(first) = queue.blocking_recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -416,9 +415,9 @@ fn write_loop(
             }
         }
         seq += 1;
-        states.begin(seq, durability.settled());
+        states.begin(seq);
         let (writes, started) = (group.len(), std::time::Instant::now());
-        let (answers, committed) = commit_group(&mut conn, group, &mut states, || durability.begin(seq));
+        let (answers, committed) = commit_group(&mut conn, group, states, || durability.begin(seq));
         tracing::debug!(writes, elapsed_us = started.elapsed().as_micros() as u64, "write group");
         if committed.is_err() {
             // What the group noted was rolled back.
@@ -442,7 +441,7 @@ type Answers = Vec<(Reply, Result<Done, StoreError>)>;
 fn commit_group(
     conn: &mut Connection,
     group: Vec<WriteJob>,
-    states: &mut GroupStates,
+    states: &GroupStates,
     begin: impl FnOnce(),
 ) -> (Answers, Result<(), StoreError>) {
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 
 use super::schema::OpenError;
 use super::{Done, Reply};
-use crate::store::cache::StateCache;
+use crate::store::cache::{GroupStates, StateCache};
 use crate::store::StoreError;
 
 /// Finished groups that may wait for the sync thread before the writer
@@ -61,11 +61,6 @@ impl Durability {
     /// Called by the writer just before it commits group `seq`.
     pub fn begin(&self, seq: u64) {
         self.begun.store(seq, Ordering::SeqCst);
-    }
-
-    /// The last group whose fate is settled.
-    pub fn settled(&self) -> u64 {
-        *self.settled.borrow()
     }
 
     /// Waits until every commit a read transaction that has already taken
@@ -101,14 +96,19 @@ pub struct Syncer {
 impl Syncer {
     /// Opens the WAL of the database at `path` (the writer has created it)
     /// and starts the thread.
-    pub fn start(path: &Path, durability: Arc<Durability>, cache: Arc<StateCache>) -> Result<Self, OpenError> {
+    pub fn start(
+        path: &Path,
+        durability: Arc<Durability>,
+        cache: Arc<StateCache>,
+        states: Arc<GroupStates>,
+    ) -> Result<Self, OpenError> {
         let mut wal_path = path.as_os_str().to_owned();
         wal_path.push("-wal");
         let wal_path = PathBuf::from(wal_path);
         let shown = wal_path.display().to_string();
         // fsync applies to the file, whichever descriptor it is called on.
         let wal = File::open(&wal_path).map_err(|source| OpenError::Wal { path: shown.clone(), source })?;
-        Self::with(shown, Box::new(move || wal.sync_data()), durability, cache).map_err(OpenError::Thread)
+        Self::with(shown, Box::new(move || wal.sync_data()), durability, cache, states).map_err(OpenError::Thread)
     }
 
     fn with(
@@ -116,11 +116,12 @@ impl Syncer {
         sync: SyncWal,
         durability: Arc<Durability>,
         cache: Arc<StateCache>,
+        states: Arc<GroupStates>,
     ) -> std::io::Result<Self> {
         let (finished, queue) = mpsc::sync_channel(IN_FLIGHT);
         let thread = thread::Builder::new()
             .name("hw-sqlite-sync".to_owned())
-            .spawn(move || run(sync, &shown, &queue, &durability, &cache))?;
+            .spawn(move || run(sync, &shown, &queue, &durability, &cache, &states))?;
         Ok(Self { finished, thread })
     }
 
@@ -146,7 +147,14 @@ impl Syncer {
     }
 }
 
-fn run(mut sync: SyncWal, path: &str, queue: &Receiver<Finished>, durability: &Durability, cache: &StateCache) {
+fn run(
+    mut sync: SyncWal,
+    path: &str,
+    queue: &Receiver<Finished>,
+    durability: &Durability,
+    cache: &StateCache,
+    states: &GroupStates,
+) {
     while let Ok(first) = queue.recv() {
         let mut groups = vec![first];
         groups.extend(queue.try_iter());
@@ -173,6 +181,7 @@ fn run(mut sync: SyncWal, path: &str, queue: &Receiver<Finished>, durability: &D
         for group in groups {
             answer(group, synced.clone(), cache);
         }
+        states.settle(last);
         durability.settled.send_replace(last);
     }
 }
@@ -204,6 +213,8 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
+    use crate::state::{ConnectionId, StoredState};
+    use crate::store::cache::{Cached, Update, Version};
 
     /// A write job's answer channel, and a finished group of that one job.
     fn group(
@@ -216,10 +227,38 @@ mod tests {
     }
 
     fn syncer(sync: SyncWal) -> (Syncer, Arc<Durability>, Arc<StateCache>) {
+        let (syncer, durability, cache, _) = syncer_with_states(sync);
+        (syncer, durability, cache)
+    }
+
+    fn syncer_with_states(sync: SyncWal) -> (Syncer, Arc<Durability>, Arc<StateCache>, Arc<GroupStates>) {
         let durability = Arc::new(Durability::new());
         let cache = Arc::new(StateCache::new(1 << 20));
-        let syncer = Syncer::with("test-wal".to_owned(), sync, durability.clone(), cache.clone()).expect("thread");
-        (syncer, durability, cache)
+        let states = Arc::new(GroupStates::default());
+        let syncer = Syncer::with("test-wal".to_owned(), sync, durability.clone(), cache.clone(), states.clone())
+            .expect("thread");
+        (syncer, durability, cache, states)
+    }
+
+    #[tokio::test]
+    async fn the_writer_lets_go_of_a_state_once_it_is_durable() {
+        let (syncer, durability, _cache, states) = syncer_with_states(Box::new(|| Ok(())));
+        let id = ConnectionId::random();
+        let version = Version { revision: 1, epoch: 0, next_seq: 1 };
+        let cached = Cached { state: Arc::new(StoredState::default()), positions: Arc::new(Vec::new()) };
+        states.begin(1);
+        states.note(id, &Update::Put(version, cached.clone()));
+        assert!(states.get(id, version).is_some());
+
+        durability.begin(1);
+        let (finished, answer) = group(1, Ok(()));
+        syncer.send(finished);
+        answer.await.expect("answered").expect("the write succeeds");
+        tokio::time::timeout(Duration::from_secs(5), durability.settle_reads()).await.expect("settled");
+        // A large state would otherwise stay in memory until the next write.
+        assert!(states.get(id, version).is_none(), "a settled group's state is still held");
+        assert_eq!(Arc::strong_count(&cached.state), 1);
+        syncer.stop();
     }
 
     #[tokio::test]
@@ -237,7 +276,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(answer.try_recv().is_err(), "answered before the sync returned");
         assert_eq!(cache.commits(), 0, "the cache was told before the sync returned");
-        assert_eq!(durability.settled(), 0);
+        assert_eq!(*durability.settled.borrow(), 0);
 
         release.send(()).expect("sync waits");
         let output = answer.await.expect("answered").expect("the write succeeds");
@@ -273,7 +312,7 @@ mod tests {
         durability.begin(1);
         let (finished, answer) = group(1, Ok(()));
         syncer.send(finished);
-        let error = answer.await.expect("answered").err().expect("the write fails");
+        let error = answer.await.expect("answered").expect_err("the write fails");
         assert!(matches!(error, StoreError::Internal(_)), "{error:?}");
         assert!(durability.failure().is_some_and(|why| why.contains("injected EIO")), "{:?}", durability.failure());
 
@@ -301,7 +340,7 @@ mod tests {
         durability.begin(1);
         let (finished, answer) = group(1, Err(StoreError::Full("injected".to_owned())));
         syncer.send(finished);
-        let error = answer.await.expect("answered").err().expect("the write fails");
+        let error = answer.await.expect("answered").expect_err("the write fails");
         assert!(matches!(error, StoreError::Full(_)), "{error:?}");
         tokio::time::timeout(Duration::from_secs(5), durability.settle_reads()).await.expect("settled");
         assert_eq!(syncs.load(Ordering::SeqCst), 0);
