@@ -83,7 +83,9 @@ pub fn open_writer(path: &Path, apply: bool) -> Result<Connection, OpenError> {
     }
     let setup = |source| OpenError::Setup { path: shown.clone(), source };
     // WAL lets readers proceed beside the writer; FULL syncs the WAL on every
-    // commit, so an acknowledged write survives a power cut.
+    // commit, so the migrations are durable when they return. The store's
+    // writer then commits with NORMAL and has the WAL synced before it
+    // answers anyone (see `sync`).
     conn.pragma_update(None, "journal_mode", "WAL").map_err(setup)?;
     conn.pragma_update(None, "synchronous", "FULL").map_err(setup)?;
     conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(setup)?;
