@@ -56,8 +56,6 @@ pub enum OpenError {
     Lock { path: String, source: std::io::Error },
     #[error("cannot start the SQLite writer thread: {0}")]
     Thread(std::io::Error),
-    #[error("cannot open the WAL {path} to sync it: {source}")]
-    Wal { path: String, source: std::io::Error },
     #[error("cannot prepare the SQLite database {path}: {source}")]
     Setup { path: String, source: rusqlite::Error },
 }
@@ -83,9 +81,7 @@ pub fn open_writer(path: &Path, apply: bool) -> Result<Connection, OpenError> {
     }
     let setup = |source| OpenError::Setup { path: shown.clone(), source };
     // WAL lets readers proceed beside the writer; FULL syncs the WAL on every
-    // commit, so the migrations are durable when they return. The store's
-    // writer then commits with NORMAL and has the WAL synced before it
-    // answers anyone (see `sync`).
+    // commit, so an acknowledged write survives a power cut.
     conn.pragma_update(None, "journal_mode", "WAL").map_err(setup)?;
     conn.pragma_update(None, "synchronous", "FULL").map_err(setup)?;
     conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(setup)?;
