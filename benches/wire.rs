@@ -59,7 +59,7 @@ fn stored_state(streams: usize) -> StoredState {
 
 fn decode(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode_create_or_update");
-    for streams in [10, 10_000] {
+    for streams in [1, 10, 10_000] {
         let body = write_body(streams);
         group.throughput(Throughput::Bytes(body.len() as u64));
         group.bench_with_input(BenchmarkId::from_parameter(streams), &body, |b, body| {
