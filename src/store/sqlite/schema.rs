@@ -209,23 +209,29 @@ mod tests {
         open_writer(&path, true).unwrap();
     }
 
-    /// A Highwater file at an older schema `version`, as that version made it.
-    fn file_at_schema(path: &Path, version: usize) -> Connection {
-        let conn = Connection::open(path).unwrap();
+    /// A Highwater file at an older schema `version`, as that version made
+    /// it, holding one stream connection `c`; with its directory, its path
+    /// and a connection to it.
+    fn file_at_schema(version: usize) -> (tempfile::TempDir, std::path::PathBuf, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hw.db");
+        let conn = Connection::open(&path).unwrap();
         for sql in &MIGRATIONS[..version] {
             conn.execute_batch(sql).unwrap();
         }
         conn.pragma_update(None, "user_version", version as i64).unwrap();
         conn.pragma_update(None, "application_id", APPLICATION_ID).unwrap();
-        conn
+        conn.execute(
+            "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES ('c', 'stream', 1, 1)",
+            [],
+        )
+        .unwrap();
+        (dir, path, conn)
     }
 
     #[test]
     fn a_file_at_schema_1_is_upgraded_in_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hw.db");
-        let conn = file_at_schema(&path, 1);
-        conn.execute("INSERT INTO connections (connection_id, revision, next_seq) VALUES ('c', 1, 1)", []).unwrap();
+        let (_dir, path, conn) = file_at_schema(1);
         drop(conn);
         let conn = open_writer(&path, true).unwrap();
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
@@ -252,14 +258,7 @@ mod tests {
 
     #[test]
     fn a_file_at_schema_2_gets_its_type_checks_without_temporary_tables() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hw.db");
-        let conn = file_at_schema(&path, 2);
-        conn.execute(
-            "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES ('c', 'stream', 1, 1)",
-            [],
-        )
-        .unwrap();
+        let (_dir, path, conn) = file_at_schema(2);
         assert!(write_opcodes(&conn).iter().any(|op| op == "OpenEphemeral"), "schema 2 was expected to use them");
         drop(conn);
 
