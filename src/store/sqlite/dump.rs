@@ -4,7 +4,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
 use super::classify;
-use super::queries::{insert_change, StoredText};
+use super::queries::{insert_change, StoredText, ADD_REVISION};
 use crate::state::{Blob, ConnectionId, StateType};
 use crate::store::dump::{ChangeDump, ConnectionDump, RevisionDump};
 use crate::store::{LoadOutcome, StoreError};
@@ -99,7 +99,8 @@ pub fn load(conn: &Connection, dump: &ConnectionDump, overwrite: bool) -> Result
     if exists && !overwrite {
         return Ok(LoadOutcome::Exists);
     }
-    for table in ["entries", "changes", "revisions", "connections"] {
+    // `changes` and `revisions` are views of `history` (migrations/sqlite/0004).
+    for table in ["entries", "history", "connections"] {
         conn.execute(&format!("DELETE FROM {table} WHERE connection_id = ?1"), [&id]).map_err(classify)?;
     }
     let state_type = dump.state_type.map(StateType::as_str);
@@ -110,12 +111,7 @@ pub fn load(conn: &Connection, dump: &ConnectionDump, overwrite: bool) -> Result
         params![id, state_type, dump.revision as i64, dump.next_seq, epoch],
     )
     .map_err(classify)?;
-    let mut revision_row = conn
-        .prepare_cached(
-            "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )
-        .map_err(classify)?;
+    let mut revision_row = conn.prepare_cached(ADD_REVISION).map_err(classify)?;
     for r in &dump.revisions {
         let state_type = r.state_type.map(StateType::as_str);
         revision_row

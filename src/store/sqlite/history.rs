@@ -129,22 +129,25 @@ pub fn prune(conn: &Connection, id: ConnectionId, policy: Retention, now_ms: i64
             .map_err(classify)?,
     };
     let keep_from = policy.oldest_kept(current, first_recent.map(|r| r as u64)) as i64;
+    // The views `changes` and `revisions` cannot be deleted from: the rows
+    // go from `history` (migrations/sqlite/0004), revision rows being those
+    // with the entry key ''.
     exec(
         conn,
         // Older than the oldest kept revision and not a key's latest change
         // up to it (SQLite takes the bare rowid from the row of the max).
-        "DELETE FROM changes WHERE connection_id = ?1 AND revision < ?2 AND rowid NOT IN ( \
-           SELECT rowid FROM (SELECT rowid, max(revision) FROM changes \
-             WHERE connection_id = ?1 AND revision <= ?2 GROUP BY entry_key))",
+        "DELETE FROM history WHERE connection_id = ?1 AND revision < ?2 AND entry_key <> '' AND rowid NOT IN ( \
+           SELECT rowid FROM (SELECT rowid, max(revision) FROM history \
+             WHERE connection_id = ?1 AND revision <= ?2 AND entry_key <> '' GROUP BY entry_key))",
         params![id_text, keep_from],
     )?;
     exec(
         conn,
-        "DELETE FROM changes WHERE connection_id = ?1 AND revision < ?2 AND blob IS NULL",
+        "DELETE FROM history WHERE connection_id = ?1 AND revision < ?2 AND entry_key <> '' AND blob IS NULL",
         params![id_text, keep_from],
     )?;
     let removed = conn
-        .prepare_cached("DELETE FROM revisions WHERE connection_id = ?1 AND revision < ?2")
+        .prepare_cached("DELETE FROM history WHERE connection_id = ?1 AND revision < ?2 AND entry_key = ''")
         .and_then(|mut s| s.execute(params![id_text, keep_from]))
         .map_err(classify)?;
     Ok(removed as u64)

@@ -203,10 +203,11 @@ pub fn apply(
 /// A written connection's row: type, revision and next position.
 pub const SET_HEADER: &str = "INSERT INTO connections (connection_id, state_type, revision, next_seq) \
      VALUES (?1, ?2, ?3, ?4) ON CONFLICT (connection_id) DO UPDATE SET state_type = ?2, revision = ?3, next_seq = ?4";
-/// A write's revision row.
+/// A write's revision row: the row of `history` with the entry key ''
+/// (migrations/sqlite/0004), inserted after the revision's changes.
 pub const ADD_REVISION: &str =
-    "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+    "INSERT INTO history (connection_id, revision, entry_key, created_at_ms, state_type, actor, reason) \
+     VALUES (?1, ?2, '', ?3, ?4, ?5, ?6)";
 
 /// The stored blob and position of each key the ops touch.
 fn stored_entries(conn: &Connection, id: &str, ops: &[EntryOp]) -> Result<StoredEntries, StoreError> {
@@ -265,7 +266,7 @@ fn record_change(
 /// legacy state peaked at 305 MiB of heap (massif, bench/profile blob).
 const IN_PLACE_BLOB_BYTES: usize = 1 << 20;
 
-/// Inserts one changes row. Small blobs are stored as TEXT; large ones are
+/// Inserts one change row into `history`. Small blobs are stored as TEXT; large ones are
 /// written in place and so stored as BLOB holding the same UTF-8 (read
 /// back through [`StoredText`]).
 pub fn insert_change(
@@ -279,20 +280,20 @@ pub fn insert_change(
     let Some(text) = blob.filter(|text| text.len() >= IN_PLACE_BLOB_BYTES) else {
         return exec(
             conn,
-            "INSERT INTO changes (connection_id, revision, entry_key, blob, seq) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO history (connection_id, revision, entry_key, blob, seq) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![id, revision, key, blob, seq],
         );
     };
     exec(
         conn,
-        "INSERT INTO changes (connection_id, revision, entry_key, blob, seq) VALUES (?1, ?2, ?3, zeroblob(?4), ?5)",
+        "INSERT INTO history (connection_id, revision, entry_key, blob, seq) VALUES (?1, ?2, ?3, zeroblob(?4), ?5)",
         params![id, revision, key, text.len() as i64, seq],
     )?;
-    let mut handle = conn.blob_open(MAIN_DB, "changes", "blob", conn.last_insert_rowid(), false).map_err(classify)?;
+    let mut handle = conn.blob_open(MAIN_DB, "history", "blob", conn.last_insert_rowid(), false).map_err(classify)?;
     handle.write_all_at(text.as_bytes(), 0).map_err(classify)
 }
 
-/// The text of a `changes.blob` value, stored as TEXT or, when it was
+/// The text of a `history.blob` value, stored as TEXT or, when it was
 /// written in place, as BLOB.
 pub struct StoredText(pub String);
 

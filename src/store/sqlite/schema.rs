@@ -13,6 +13,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0001_init.sql"),
     include_str!("../../../migrations/sqlite/0002_fewer_write_indexes.sql"),
     include_str!("../../../migrations/sqlite/0003_checks_without_lists.sql"),
+    include_str!("../../../migrations/sqlite/0004_revisions_beside_changes.sql"),
 ];
 
 /// Why a database file cannot be used. Shown at start-up, so it names the
@@ -243,11 +244,12 @@ mod tests {
     }
 
     /// The opcodes SQLite compiles the write path's statements on
-    /// `connections` and `revisions` to, on `conn`.
-    fn write_opcodes(conn: &Connection) -> Vec<String> {
-        use crate::store::sqlite::queries::{ADD_REVISION, SET_HEADER};
+    /// `connections` and the revision row to, on `conn`; `add_revision`:
+    /// that row's insert as the file's schema has it.
+    fn write_opcodes(conn: &Connection, add_revision: &str) -> Vec<String> {
+        use crate::store::sqlite::queries::SET_HEADER;
         let mut opcodes = Vec::new();
-        for sql in [SET_HEADER, ADD_REVISION] {
+        for sql in [SET_HEADER, add_revision] {
             let mut explain = conn.prepare(&format!("EXPLAIN {sql}")).unwrap();
             let count = explain.parameter_count();
             let rows = explain.query_map(rusqlite::params_from_iter(vec![None::<i64>; count]), |r| r.get(1)).unwrap();
@@ -258,24 +260,33 @@ mod tests {
 
     #[test]
     fn a_file_at_schema_2_gets_its_type_checks_without_temporary_tables() {
+        use crate::store::sqlite::queries::ADD_REVISION;
         let (_dir, path, conn) = file_at_schema(2);
-        assert!(write_opcodes(&conn).iter().any(|op| op == "OpenEphemeral"), "schema 2 was expected to use them");
+        let schema_2_revision =
+            "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+        let opcodes = write_opcodes(&conn, schema_2_revision);
+        assert!(opcodes.iter().any(|op| op == "OpenEphemeral"), "schema 2 was expected to use them");
         drop(conn);
 
         // The connection that migrated is the one that goes on to write.
         let conn = open_writer(&path, true).unwrap();
-        let ephemeral: Vec<String> = write_opcodes(&conn).into_iter().filter(|op| op == "OpenEphemeral").collect();
+        let ephemeral: Vec<String> =
+            write_opcodes(&conn, ADD_REVISION).into_iter().filter(|op| op == "OpenEphemeral").collect();
         assert!(ephemeral.is_empty(), "the write statements still build temporary tables");
         let insert = |table: &str, state_type: Option<&str>| {
             let sql = match table {
                 "connections" => {
                     "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES (?1, ?2, 1, 1)"
                 }
-                _ => "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type) VALUES (?1, 1, 0, ?2)",
+                _ => {
+                    "INSERT INTO history (connection_id, revision, entry_key, created_at_ms, state_type) \
+                     VALUES (?1, 1, '', 0, ?2)"
+                }
             };
             conn.execute(sql, rusqlite::params![format!("{table}-{state_type:?}"), state_type])
         };
-        for table in ["connections", "revisions"] {
+        for table in ["connections", "history"] {
             for allowed in [Some("legacy"), Some("global"), Some("stream"), None] {
                 insert(table, allowed).unwrap_or_else(|e| panic!("{table} refused {allowed:?}: {e}"));
             }
@@ -286,6 +297,45 @@ mod tests {
         let kept: String =
             conn.query_row("SELECT state_type FROM connections WHERE connection_id = 'c'", [], |r| r.get(0)).unwrap();
         assert_eq!(kept, "stream");
+        let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        assert_eq!(check, "ok");
+    }
+
+    /// Every row of `table` (a table or view), in order, as text.
+    fn rows_of(conn: &Connection, table: &str) -> Vec<String> {
+        let mut stmt = conn.prepare(&format!("SELECT * FROM {table} ORDER BY connection_id, revision")).unwrap();
+        let columns = stmt.column_count();
+        let rows = stmt
+            .query_map([], |row| {
+                let values: Vec<String> = (0..columns)
+                    .map(|i| row.get::<_, rusqlite::types::Value>(i).map(|v| format!("{v:?}")))
+                    .collect::<Result<_, _>>()?;
+                Ok(values.join("|"))
+            })
+            .unwrap();
+        rows.map(Result::unwrap).collect()
+    }
+
+    #[test]
+    fn a_file_at_schema_3_keeps_its_revisions_and_changes_as_the_views_of_history() {
+        let (_dir, path, conn) = file_at_schema(3);
+        conn.execute_batch(
+            "UPDATE connections SET revision = 2 WHERE connection_id = 'c';
+             INSERT INTO revisions VALUES ('c', 1, 1000, 'stream', 'orchestrator', NULL);
+             INSERT INTO revisions VALUES ('c', 2, 2000, NULL, NULL, 'reset');
+             INSERT INTO changes VALUES ('c', 1, 's[\"a\",null]', '{\"cursor\":1}', 0);
+             INSERT INTO changes VALUES ('c', 2, 's[\"a\",null]', NULL, NULL);",
+        )
+        .unwrap();
+        let (revisions, changes) = (rows_of(&conn, "revisions"), rows_of(&conn, "changes"));
+        drop(conn);
+
+        let conn = open_writer(&path, true).unwrap();
+        assert_eq!(rows_of(&conn, "revisions"), revisions);
+        assert_eq!(rows_of(&conn, "changes"), changes);
+        let revision_rows: i64 =
+            conn.query_row("SELECT count(*) FROM history WHERE entry_key = ''", [], |r| r.get(0)).unwrap();
+        assert_eq!(revision_rows, 2);
         let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
         assert_eq!(check, "ok");
     }
