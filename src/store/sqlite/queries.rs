@@ -32,8 +32,11 @@ pub fn read_state(
 fn read_rows(conn: &Connection, id: ConnectionId, header: Header) -> Result<Cached, StoreError> {
     let mut stmt = conn
         .prepare_cached(
+            // CROSS JOIN keeps `entries` the outer loop: one lookup per
+            // current entry. Left to itself SQLite walks every history row
+            // of the connection instead, however long its history.
             "SELECT e.entry_key, c.blob, e.seq FROM entries e \
-             JOIN changes c ON c.connection_id = e.connection_id \
+             CROSS JOIN changes c ON c.connection_id = e.connection_id \
               AND c.revision = e.revision AND c.entry_key = e.entry_key \
              WHERE e.connection_id = ?1",
         )
