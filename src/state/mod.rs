@@ -35,6 +35,16 @@ impl ConnectionId {
         self.0.as_u128()
     }
 
+    /// The 16 bytes, big-endian: SQLite's key for the connection.
+    pub fn to_bytes(self) -> [u8; 16] {
+        self.0.into_bytes()
+    }
+
+    /// The inverse of [`ConnectionId::to_bytes`].
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(Uuid::from_bytes(bytes))
+    }
+
     /// A random identifier, for tests and tools.
     pub fn random() -> Self {
         Self(Uuid::new_v4())

@@ -11,27 +11,25 @@ use crate::store::{LoadOutcome, StoreError};
 
 /// Connection ids in ascending order after `after`.
 pub fn list(conn: &Connection, after: Option<ConnectionId>, limit: usize) -> Result<Vec<ConnectionId>, StoreError> {
-    let after = after.map(|id| id.to_string()).unwrap_or_default();
+    // Ids are 16-byte blobs, ordered as their text is; the empty blob
+    // sorts before all of them.
+    let after = after.map(|id| id.to_bytes().to_vec()).unwrap_or_default();
     let mut stmt = conn
         .prepare_cached(
             "SELECT connection_id FROM connections WHERE connection_id > ?1 ORDER BY connection_id LIMIT ?2",
         )
         .map_err(classify)?;
-    let rows = stmt.query_map(params![after, limit as i64], |row| row.get::<_, String>(0)).map_err(classify)?;
-    rows.map(|row| {
-        let text = row.map_err(classify)?;
-        ConnectionId::parse(&text).ok_or_else(|| StoreError::Internal(format!("stored connection id {text:?}")))
-    })
-    .collect()
+    let rows = stmt.query_map(params![after, limit as i64], |row| row.get::<_, [u8; 16]>(0)).map_err(classify)?;
+    rows.map(|row| row.map(ConnectionId::from_bytes).map_err(classify)).collect()
 }
 
 /// The whole record of one connection, read in the caller's transaction.
 pub fn read(conn: &Connection, id: ConnectionId) -> Result<Option<ConnectionDump>, StoreError> {
-    let id_text = id.to_string();
+    let key = id.to_bytes();
     let header = conn
         .prepare_cached("SELECT state_type, revision, next_seq FROM connections WHERE connection_id = ?1")
         .and_then(|mut s| {
-            s.query_row([&id_text], |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+            s.query_row([&key], |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
                 .optional()
         })
         .map_err(classify)?;
@@ -42,7 +40,7 @@ pub fn read(conn: &Connection, id: ConnectionId) -> Result<Option<ConnectionDump
         .prepare_cached("SELECT entry_key, seq, revision FROM entries WHERE connection_id = ?1 ORDER BY seq")
         .map_err(classify)?;
     let entries = stmt
-        .query_map([&id_text], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)? as u64)))
+        .query_map([&key], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)? as u64)))
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
         .map_err(classify)?;
     let mut stmt = conn
@@ -52,7 +50,7 @@ pub fn read(conn: &Connection, id: ConnectionId) -> Result<Option<ConnectionDump
         )
         .map_err(classify)?;
     let revisions = stmt
-        .query_map([&id_text], |r| {
+        .query_map([&key], |r| {
             Ok(RevisionDump {
                 revision: r.get::<_, i64>(0)? as u64,
                 created_at_ms: r.get(1)?,
@@ -69,7 +67,7 @@ pub fn read(conn: &Connection, id: ConnectionId) -> Result<Option<ConnectionDump
         )
         .map_err(classify)?;
     let changes = stmt
-        .query_map([&id_text], |r| {
+        .query_map([&key], |r| {
             Ok(ChangeDump {
                 revision: r.get::<_, i64>(0)? as u64,
                 key: r.get(1)?,
@@ -92,7 +90,7 @@ pub fn read(conn: &Connection, id: ConnectionId) -> Result<Option<ConnectionDump
 
 /// Stores a whole record, replacing an existing one only when asked.
 pub fn load(conn: &Connection, dump: &ConnectionDump, overwrite: bool) -> Result<LoadOutcome, StoreError> {
-    let id = dump.id.to_string();
+    let id = dump.id.to_bytes();
     let exists: bool = conn
         .query_row("SELECT EXISTS (SELECT 1 FROM connections WHERE connection_id = ?1)", [&id], |r| r.get(0))
         .map_err(classify)?;

@@ -11,13 +11,13 @@ use crate::store::StoreError;
 
 /// A page of history, newest first, of revisions before `before`.
 pub fn history(conn: &Connection, id: ConnectionId, limit: usize, before: Option<u64>) -> Result<History, StoreError> {
-    let id_text = id.to_string();
-    let Some(current) = header(conn, &id_text)?.map(|h| h.revision) else {
+    let key = id.to_bytes();
+    let Some(current) = header(conn, id)?.map(|h| h.revision) else {
         return Ok(History::default());
     };
     let oldest: Option<i64> = conn
         .prepare_cached("SELECT min(revision) FROM revisions WHERE connection_id = ?1")
-        .and_then(|mut s| s.query_row([&id_text], |r| r.get(0)))
+        .and_then(|mut s| s.query_row([&key], |r| r.get(0)))
         .map_err(classify)?;
     let before = before.unwrap_or(u64::MAX).min(i64::MAX as u64) as i64;
     let mut stmt = conn
@@ -27,7 +27,7 @@ pub fn history(conn: &Connection, id: ConnectionId, limit: usize, before: Option
         )
         .map_err(classify)?;
     let rows = stmt
-        .query_map(params![id_text, before, limit as i64], |r| {
+        .query_map(params![key, before, limit as i64], |r| {
             Ok(RevisionInfo {
                 revision: r.get::<_, i64>(0)? as u64,
                 created_at_ms: r.get(1)?,
@@ -49,7 +49,7 @@ pub fn history(conn: &Connection, id: ConnectionId, limit: usize, before: Option
             )
             .map_err(classify)?;
         let changes = stmt
-            .query_map(params![id_text, low, high], |r| {
+            .query_map(params![key, low, high], |r| {
                 Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?, r.get::<_, Option<i64>>(2)?))
             })
             .map_err(classify)?;
@@ -71,17 +71,17 @@ pub fn lease(
     now_ms: i64,
     token: String,
 ) -> Result<Option<Lease>, StoreError> {
-    let id_text = id.to_string();
-    let current = lease_row(conn, &id_text)?;
+    let key = id.to_bytes();
+    let current = lease_row(conn, id)?;
     let next = lease_transition(op, current.as_ref(), now_ms, || token)?;
     match &next {
         Some(lease) => exec(
             conn,
             "INSERT INTO leases (connection_id, holder, token, expires_at_ms) VALUES (?1, ?2, ?3, ?4) \
              ON CONFLICT (connection_id) DO UPDATE SET holder = ?2, token = ?3, expires_at_ms = ?4",
-            params![id_text, lease.holder, lease.token, lease.expires_at_ms],
+            params![key, lease.holder, lease.token, lease.expires_at_ms],
         )?,
-        None => exec(conn, "DELETE FROM leases WHERE connection_id = ?1", [&id_text])?,
+        None => exec(conn, "DELETE FROM leases WHERE connection_id = ?1", [&key])?,
     }
     Ok(next)
 }
@@ -99,16 +99,14 @@ pub fn leases(
         )
         .map_err(classify)?;
     let rows = stmt
-        .query_map(params![now_ms, id.map(|i| i.to_string())], |r| {
-            Ok((r.get::<_, String>(0)?, Lease { holder: r.get(1)?, token: r.get(2)?, expires_at_ms: r.get(3)? }))
+        .query_map(params![now_ms, id.map(ConnectionId::to_bytes)], |r| {
+            Ok((r.get::<_, [u8; 16]>(0)?, Lease { holder: r.get(1)?, token: r.get(2)?, expires_at_ms: r.get(3)? }))
         })
         .map_err(classify)?;
     let mut out = Vec::new();
     for row in rows {
         let (id, lease) = row.map_err(classify)?;
-        let id =
-            ConnectionId::parse(&id).ok_or_else(|| StoreError::Internal(format!("stored connection id {id:?}")))?;
-        out.push((id, lease));
+        out.push((ConnectionId::from_bytes(id), lease));
     }
     Ok(out)
 }
@@ -117,15 +115,15 @@ pub fn leases(
 /// rows still visible at the oldest kept revision stay, so every kept
 /// revision can still be read and restored. Returns revisions removed.
 pub fn prune(conn: &Connection, id: ConnectionId, policy: Retention, now_ms: i64) -> Result<u64, StoreError> {
-    let id_text = id.to_string();
-    let Some(current) = header(conn, &id_text)?.map(|h| h.revision) else {
+    let key = id.to_bytes();
+    let Some(current) = header(conn, id)?.map(|h| h.revision) else {
         return Ok(0);
     };
     let first_recent: Option<i64> = match policy.keep_for {
         None => None,
         Some(age) => conn
             .prepare_cached("SELECT min(revision) FROM revisions WHERE connection_id = ?1 AND created_at_ms >= ?2")
-            .and_then(|mut s| s.query_row(params![id_text, now_ms - age.as_millis() as i64], |r| r.get(0)))
+            .and_then(|mut s| s.query_row(params![key, now_ms - age.as_millis() as i64], |r| r.get(0)))
             .map_err(classify)?,
     };
     let keep_from = policy.oldest_kept(current, first_recent.map(|r| r as u64)) as i64;
@@ -139,16 +137,16 @@ pub fn prune(conn: &Connection, id: ConnectionId, policy: Retention, now_ms: i64
         "DELETE FROM history WHERE connection_id = ?1 AND revision < ?2 AND entry_key <> '' AND rowid NOT IN ( \
            SELECT rowid FROM (SELECT rowid, max(revision) FROM history \
              WHERE connection_id = ?1 AND revision <= ?2 AND entry_key <> '' GROUP BY entry_key))",
-        params![id_text, keep_from],
+        params![key, keep_from],
     )?;
     exec(
         conn,
         "DELETE FROM history WHERE connection_id = ?1 AND revision < ?2 AND entry_key <> '' AND blob IS NULL",
-        params![id_text, keep_from],
+        params![key, keep_from],
     )?;
     let removed = conn
         .prepare_cached("DELETE FROM history WHERE connection_id = ?1 AND revision < ?2 AND entry_key = ''")
-        .and_then(|mut s| s.execute(params![id_text, keep_from]))
+        .and_then(|mut s| s.execute(params![key, keep_from]))
         .map_err(classify)?;
     Ok(removed as u64)
 }

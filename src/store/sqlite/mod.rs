@@ -209,7 +209,7 @@ impl SqliteStore {
         let Some(conn) = self.readers.lock().map_err(|_| poisoned())?.pop() else {
             return Ok(None);
         };
-        let header = queries::header(&conn, &id.to_string());
+        let header = queries::header(&conn, id);
         self.readers.lock().map_err(|_| poisoned())?.push(conn);
         let header = header?.unwrap_or_default();
         Ok(self.cache.get(id, header.version()).map(|cached| cached.state))
@@ -293,7 +293,7 @@ impl Store for SqliteStore {
 
     async fn read_stream(&self, id: ConnectionId, stream: StreamDescriptor) -> Result<(u64, Option<Blob>), StoreError> {
         self.with_reader(move |conn| {
-            let revision = queries::header(conn, &id.to_string())?.map_or(0, |h| h.revision);
+            let revision = queries::header(conn, id)?.map_or(0, |h| h.revision);
             Ok((revision, queries::entry_blob(conn, id, &EntryKey::Stream(stream))?))
         })
         .await

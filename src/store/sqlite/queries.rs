@@ -20,7 +20,7 @@ pub fn read_state(
     id: ConnectionId,
     known: impl Fn(Version) -> Option<Cached>,
 ) -> Result<(Cached, Option<Update>), StoreError> {
-    let header = header(conn, &id.to_string())?.unwrap_or_default();
+    let header = header(conn, id)?.unwrap_or_default();
     if let Some(cached) = known(header.version()) {
         return Ok((cached, None));
     }
@@ -41,7 +41,7 @@ fn read_rows(conn: &Connection, id: ConnectionId, header: Header) -> Result<Cach
              WHERE e.connection_id = ?1",
         )
         .map_err(classify)?;
-    let rows = stmt.query_map([id.to_string()], |row| {
+    let rows = stmt.query_map([id.to_bytes()], |row| {
         Ok((row.get::<_, String>(0)?, row.get::<_, StoredText>(1)?.0, row.get::<_, i64>(2)?))
     });
     let mut read = Vec::new();
@@ -59,8 +59,8 @@ fn read_rows(conn: &Connection, id: ConnectionId, header: Header) -> Result<Cach
 
 /// Reads the state as it was at `revision`, with each entry's position.
 pub fn state_at(conn: &Connection, id: ConnectionId, revision: u64) -> Result<PastState, StoreError> {
-    let id_text = id.to_string();
-    let current = header(conn, &id_text)?.map_or(0, |h| h.revision);
+    let key = id.to_bytes();
+    let current = header(conn, id)?.map_or(0, |h| h.revision);
     if revision > current {
         return Err(Refusal::RevisionNotFound { revision, current }.into());
     }
@@ -69,7 +69,7 @@ pub fn state_at(conn: &Connection, id: ConnectionId, revision: u64) -> Result<Pa
     }
     let oldest: Option<i64> = conn
         .prepare_cached("SELECT min(revision) FROM revisions WHERE connection_id = ?1")
-        .and_then(|mut s| s.query_row([&id_text], |r| r.get(0)))
+        .and_then(|mut s| s.query_row([&key], |r| r.get(0)))
         .map_err(classify)?;
     let oldest = oldest.unwrap_or(0) as u64;
     if revision < oldest {
@@ -77,7 +77,7 @@ pub fn state_at(conn: &Connection, id: ConnectionId, revision: u64) -> Result<Pa
     }
     let state_type: Option<String> = conn
         .prepare_cached("SELECT state_type FROM revisions WHERE connection_id = ?1 AND revision = ?2")
-        .and_then(|mut s| s.query_row(params![id_text, revision as i64], |r| r.get(0)))
+        .and_then(|mut s| s.query_row(params![key, revision as i64], |r| r.get(0)))
         .map_err(classify)?;
     let mut stmt = conn
         .prepare_cached(
@@ -90,7 +90,7 @@ pub fn state_at(conn: &Connection, id: ConnectionId, revision: u64) -> Result<Pa
              WHERE c.blob IS NOT NULL",
         )
         .map_err(classify)?;
-    let rows = stmt.query_map(params![id_text, revision as i64], |row| {
+    let rows = stmt.query_map(params![key, revision as i64], |row| {
         Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?, row.get::<_, StoredText>(2)?.0))
     });
     let mut entries = Vec::new();
@@ -100,7 +100,7 @@ pub fn state_at(conn: &Connection, id: ConnectionId, revision: u64) -> Result<Pa
     }
     // Sorted here, not by SQLite: its sorter would copy every blob.
     entries.sort_unstable_by_key(|(_, seq, _)| *seq);
-    Ok((parse_type(state_type, &id_text)?, entries))
+    Ok((parse_type(state_type, id)?, entries))
 }
 
 /// Applies a write: guard, plan, then each entry change that really
@@ -116,9 +116,9 @@ pub fn apply(
     group: &GroupStates,
 ) -> Result<(Applied, Option<Update>), StoreError> {
     let known = |version| group.get(id, version).or_else(|| cache.get(id, version));
-    let id_text = id.to_string();
-    let before = header(conn, &id_text)?.unwrap_or_default();
-    let lease = live_lease(conn, &id_text, now_ms)?;
+    let key = id.to_bytes();
+    let before = header(conn, id)?.unwrap_or_default();
+    let lease = live_lease(conn, id, now_ms)?;
     check_guard(&request.guard, before.revision, lease.as_ref())?;
     let context = match request.operation.needs() {
         Needs::Nothing => Context::default(),
@@ -136,7 +136,7 @@ pub fn apply(
         Some(state) => state.stored(&keys),
         None => match cache.stored(id, &keys) {
             Some((held, stored)) if held.version() == before.version() => stored,
-            _ => stored_entries(conn, &id_text, &plan.ops)?,
+            _ => stored_entries(conn, id, &plan.ops)?,
         },
     };
     let changed = changes(&plan.ops, &plan.pinned_seqs, &stored);
@@ -154,7 +154,7 @@ pub fn apply(
     let mut next_seq = before.next_seq;
     let mut effects = Vec::with_capacity(changed.len());
     for (change, key) in changed.iter().zip(keys) {
-        let seq = record_change(conn, &id_text, revision, change, &mut next_seq)?;
+        let seq = record_change(conn, id, revision, change, &mut next_seq)?;
         effects.push((key, change.blob.cloned().zip(seq)));
     }
     let next = base.map(|base| advance(&base.state, &base.positions, &effects, revision, plan.state_type));
@@ -162,17 +162,13 @@ pub fn apply(
         Some((state, _)) => !state.entries.is_empty(),
         None => conn
             .prepare_cached("SELECT EXISTS (SELECT 1 FROM entries WHERE connection_id = ?1)")
-            .and_then(|mut s| s.query_row([&id_text], |r| r.get(0)))
+            .and_then(|mut s| s.query_row([&key], |r| r.get(0)))
             .map_err(classify)?,
     };
     let state_type = plan.state_type.filter(|_| remaining);
     let new_type = state_type.map(StateType::as_str);
-    exec(conn, SET_HEADER, params![id_text, new_type, revision as i64, next_seq])?;
-    exec(
-        conn,
-        ADD_REVISION,
-        params![id_text, revision as i64, now_ms, new_type, request.meta.actor, request.meta.reason],
-    )?;
+    exec(conn, SET_HEADER, params![key, new_type, revision as i64, next_seq])?;
+    exec(conn, ADD_REVISION, params![key, revision as i64, now_ms, new_type, request.meta.actor, request.meta.reason])?;
     let after = Header { state_type, revision, next_seq, epoch: before.epoch };
     let (state, update) = if request.return_state {
         let next = match next {
@@ -186,7 +182,7 @@ pub fn apply(
                 let sets = effects.iter().filter(|(_, effect)| effect.is_some()).count();
                 let count: i64 = conn
                     .prepare_cached("SELECT count(*) FROM entries WHERE connection_id = ?1")
-                    .and_then(|mut s| s.query_row([&id_text], |r| r.get(0)))
+                    .and_then(|mut s| s.query_row([&key], |r| r.get(0)))
                     .map_err(classify)?;
                 if count as usize == sets {
                     let (state, positions) = advance(&StoredState::default(), &[], &effects, revision, state_type);
@@ -213,7 +209,7 @@ pub const ADD_REVISION: &str =
      VALUES (?1, ?2, '', ?3, ?4, ?5, ?6)";
 
 /// The stored blob and position of each key the ops touch.
-fn stored_entries(conn: &Connection, id: &str, ops: &[EntryOp]) -> Result<StoredEntries, StoreError> {
+fn stored_entries(conn: &Connection, id: ConnectionId, ops: &[EntryOp]) -> Result<StoredEntries, StoreError> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT c.blob, e.seq FROM entries e \
@@ -226,7 +222,9 @@ fn stored_entries(conn: &Connection, id: &str, ops: &[EntryOp]) -> Result<Stored
     for op in ops {
         let key = op.key.encode();
         let row = stmt
-            .query_row([id, &key], |r| Ok((Blob::from_stored(r.get::<_, StoredText>(0)?.0), r.get(1)?)))
+            .query_row(params![id.to_bytes(), key], |r| {
+                Ok((Blob::from_stored(r.get::<_, StoredText>(0)?.0), r.get(1)?))
+            })
             .optional()
             .map_err(classify)?;
         if let Some(row) = row {
@@ -238,11 +236,12 @@ fn stored_entries(conn: &Connection, id: &str, ops: &[EntryOp]) -> Result<Stored
 
 fn record_change(
     conn: &Connection,
-    id: &str,
+    id: ConnectionId,
     revision: u64,
     change: &Change<'_>,
     next_seq: &mut i64,
 ) -> Result<Option<i64>, StoreError> {
+    let id = &id.to_bytes();
     let (key, revision) = (change.key.as_str(), revision as i64);
     let Some(blob) = change.blob else {
         insert_change(conn, id, revision, key, None, None)?;
@@ -274,7 +273,7 @@ const IN_PLACE_BLOB_BYTES: usize = 1 << 20;
 /// back through [`StoredText`]).
 pub fn insert_change(
     conn: &Connection,
-    id: &str,
+    id: &[u8; 16],
     revision: i64,
     key: &str,
     blob: Option<&str>,
@@ -315,7 +314,7 @@ impl FromSql for StoredText {
 pub fn current_keys(conn: &Connection, id: ConnectionId) -> Result<Vec<EntryKey>, StoreError> {
     let mut stmt =
         conn.prepare_cached("SELECT entry_key FROM entries WHERE connection_id = ?1 ORDER BY seq").map_err(classify)?;
-    let rows = stmt.query_map([id.to_string()], |r| r.get::<_, String>(0)).map_err(classify)?;
+    let rows = stmt.query_map([id.to_bytes()], |r| r.get::<_, String>(0)).map_err(classify)?;
     rows.map(|row| decode_key(&row.map_err(classify)?, id)).collect()
 }
 
@@ -326,32 +325,34 @@ pub fn entry_blob(conn: &Connection, id: ConnectionId, key: &EntryKey) -> Result
           AND c.revision = e.revision AND c.entry_key = e.entry_key \
          WHERE e.connection_id = ?1 AND e.entry_key = ?2",
     )
-    .and_then(|mut s| s.query_row([id.to_string(), key.encode()], |r| r.get::<_, StoredText>(0)).optional())
+    .and_then(|mut s| s.query_row(params![id.to_bytes(), key.encode()], |r| r.get::<_, StoredText>(0)).optional())
     .map(|blob| blob.map(|text| Blob::from_stored(text.0)))
     .map_err(classify)
 }
 
 /// The connection's lease, if it is live at `now_ms`.
-pub fn live_lease(conn: &Connection, id: &str, now_ms: i64) -> Result<Option<Lease>, StoreError> {
+pub fn live_lease(conn: &Connection, id: ConnectionId, now_ms: i64) -> Result<Option<Lease>, StoreError> {
     Ok(lease_row(conn, id)?.filter(|lease| lease.is_live(now_ms)))
 }
 
 /// The connection's lease row, live or not.
-pub fn lease_row(conn: &Connection, id: &str) -> Result<Option<Lease>, StoreError> {
+pub fn lease_row(conn: &Connection, id: ConnectionId) -> Result<Option<Lease>, StoreError> {
     conn.prepare_cached("SELECT holder, token, expires_at_ms FROM leases WHERE connection_id = ?1")
         .and_then(|mut s| {
-            s.query_row([id], |r| Ok(Lease { holder: r.get(0)?, token: r.get(1)?, expires_at_ms: r.get(2)? }))
-                .optional()
+            s.query_row([id.to_bytes()], |r| {
+                Ok(Lease { holder: r.get(0)?, token: r.get(1)?, expires_at_ms: r.get(2)? })
+            })
+            .optional()
         })
         .map_err(classify)
 }
 
 /// The connection's row, or `None` for a connection never written.
-pub fn header(conn: &Connection, id: &str) -> Result<Option<Header>, StoreError> {
+pub fn header(conn: &Connection, id: ConnectionId) -> Result<Option<Header>, StoreError> {
     let row = conn
         .prepare_cached("SELECT state_type, revision, next_seq, epoch FROM connections WHERE connection_id = ?1")
         .and_then(|mut s| {
-            s.query_row([id], |r| {
+            s.query_row([id.to_bytes()], |r| {
                 Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?))
             })
             .optional()
@@ -371,7 +372,7 @@ pub fn decode_key(text: &str, id: impl std::fmt::Display) -> Result<EntryKey, St
     EntryKey::decode(text).ok_or_else(|| StoreError::Internal(format!("undecodable entry key {text:?} for {id}")))
 }
 
-fn parse_type(text: Option<String>, id: &str) -> Result<Option<StateType>, StoreError> {
+fn parse_type(text: Option<String>, id: ConnectionId) -> Result<Option<StateType>, StoreError> {
     text.map(|t| StateType::parse(&t).ok_or_else(|| StoreError::Internal(format!("unknown state type {t:?} for {id}"))))
         .transpose()
 }

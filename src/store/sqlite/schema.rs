@@ -14,6 +14,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0002_fewer_write_indexes.sql"),
     include_str!("../../../migrations/sqlite/0003_checks_without_lists.sql"),
     include_str!("../../../migrations/sqlite/0004_revisions_beside_changes.sql"),
+    include_str!("../../../migrations/sqlite/0005_binary_connection_ids.sql"),
 ];
 
 /// Why a database file cannot be used. Shown at start-up, so it names the
@@ -210,8 +211,12 @@ mod tests {
         open_writer(&path, true).unwrap();
     }
 
+    /// The connection [`file_at_schema`] holds, in the text form schemas
+    /// before 5 stored.
+    const C: &str = "0000000c-0000-4000-8000-00000000000c";
+
     /// A Highwater file at an older schema `version`, as that version made
-    /// it, holding one stream connection `c`; with its directory, its path
+    /// it, holding one stream connection [`C`]; with its directory, its path
     /// and a connection to it.
     fn file_at_schema(version: usize) -> (tempfile::TempDir, std::path::PathBuf, Connection) {
         let dir = tempfile::tempdir().unwrap();
@@ -223,8 +228,8 @@ mod tests {
         conn.pragma_update(None, "user_version", version as i64).unwrap();
         conn.pragma_update(None, "application_id", APPLICATION_ID).unwrap();
         conn.execute(
-            "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES ('c', 'stream', 1, 1)",
-            [],
+            "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES (?1, 'stream', 1, 1)",
+            [C],
         )
         .unwrap();
         (dir, path, conn)
@@ -294,20 +299,24 @@ mod tests {
                 assert!(insert(table, refused).is_err(), "{table} accepted {refused:?}");
             }
         }
-        let kept: String =
-            conn.query_row("SELECT state_type FROM connections WHERE connection_id = 'c'", [], |r| r.get(0)).unwrap();
-        assert_eq!(kept, "stream");
+        let id = crate::state::ConnectionId::parse(C).unwrap();
+        let kept = crate::store::sqlite::queries::header(&conn, id).unwrap().unwrap();
+        assert_eq!(kept.state_type, Some(crate::state::StateType::Stream));
         let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
         assert_eq!(check, "ok");
     }
 
-    /// Every row of `table` (a table or view), in order, as text.
-    fn rows_of(conn: &Connection, table: &str) -> Vec<String> {
-        let mut stmt = conn.prepare(&format!("SELECT * FROM {table} ORDER BY connection_id, revision")).unwrap();
+    /// Every row of `table` (a table or view), in order, as text, with
+    /// the connection id as `id` gives it.
+    fn rows_of(conn: &Connection, table: &str, id: &str) -> Vec<String> {
+        let sql = format!("SELECT {id}, * FROM {table} ORDER BY 1, revision");
+        let mut stmt = conn.prepare(&sql).unwrap();
         let columns = stmt.column_count();
         let rows = stmt
             .query_map([], |row| {
+                // Column 1 is the stored id itself, whose form changed.
                 let values: Vec<String> = (0..columns)
+                    .filter(|&i| i != 1)
                     .map(|i| row.get::<_, rusqlite::types::Value>(i).map(|v| format!("{v:?}")))
                     .collect::<Result<_, _>>()?;
                 Ok(values.join("|"))
@@ -317,25 +326,39 @@ mod tests {
     }
 
     #[test]
-    fn a_file_at_schema_3_keeps_its_revisions_and_changes_as_the_views_of_history() {
+    fn a_file_at_schema_3_keeps_its_history_entries_and_leases() {
+        use crate::store::sqlite::queries::{header, lease_row};
         let (_dir, path, conn) = file_at_schema(3);
-        conn.execute_batch(
-            "UPDATE connections SET revision = 2 WHERE connection_id = 'c';
-             INSERT INTO revisions VALUES ('c', 1, 1000, 'stream', 'orchestrator', NULL);
-             INSERT INTO revisions VALUES ('c', 2, 2000, NULL, NULL, 'reset');
-             INSERT INTO changes VALUES ('c', 1, 's[\"a\",null]', '{\"cursor\":1}', 0);
-             INSERT INTO changes VALUES ('c', 2, 's[\"a\",null]', NULL, NULL);",
-        )
+        conn.execute_batch(&format!(
+            "UPDATE connections SET revision = 3, next_seq = 2 WHERE connection_id = '{C}';
+             INSERT INTO revisions VALUES ('{C}', 1, 1000, 'stream', 'orchestrator', NULL);
+             INSERT INTO revisions VALUES ('{C}', 2, 2000, NULL, NULL, 'reset');
+             INSERT INTO revisions VALUES ('{C}', 3, 3000, 'stream', NULL, NULL);
+             INSERT INTO changes VALUES ('{C}', 1, 's[\"a\",null]', '{{\"cursor\":1}}', 0);
+             INSERT INTO changes VALUES ('{C}', 2, 's[\"a\",null]', NULL, NULL);
+             INSERT INTO changes VALUES ('{C}', 3, 's[\"b\",null]', '{{\"cursor\":2}}', 1);
+             INSERT INTO entries VALUES ('{C}', 's[\"b\",null]', 1, 3);
+             INSERT INTO leases VALUES ('{C}', 'worker-1', 'token-1', 4102444800000);"
+        ))
         .unwrap();
-        let (revisions, changes) = (rows_of(&conn, "revisions"), rows_of(&conn, "changes"));
+        let text_id = "replace(connection_id, '-', '')";
+        let before: Vec<Vec<String>> =
+            ["revisions", "changes", "entries"].iter().map(|table| rows_of(&conn, table, text_id)).collect();
         drop(conn);
 
         let conn = open_writer(&path, true).unwrap();
-        assert_eq!(rows_of(&conn, "revisions"), revisions);
-        assert_eq!(rows_of(&conn, "changes"), changes);
+        let blob_id = "lower(hex(connection_id))";
+        let after: Vec<Vec<String>> =
+            ["revisions", "changes", "entries"].iter().map(|table| rows_of(&conn, table, blob_id)).collect();
+        assert_eq!(after, before);
+        assert_eq!(before[0].len(), 3);
+        let id = crate::state::ConnectionId::parse(C).unwrap();
+        let head = header(&conn, id).unwrap().unwrap();
+        assert_eq!((head.revision, head.next_seq), (3, 2));
+        assert_eq!(lease_row(&conn, id).unwrap().unwrap().token, "token-1");
         let revision_rows: i64 =
             conn.query_row("SELECT count(*) FROM history WHERE entry_key = ''", [], |r| r.get(0)).unwrap();
-        assert_eq!(revision_rows, 2);
+        assert_eq!(revision_rows, 3);
         let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
         assert_eq!(check, "ok");
     }
