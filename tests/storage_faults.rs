@@ -363,12 +363,13 @@ fn a_highwater_database_with_a_corrupt_page_answers_500_never_crashes_and_keeps_
     let started = Instant::now();
     let http = Http::new();
     let mut observed = Vec::new();
-    for target in ["page 2", "entries root page"] {
+    // `heads` holds every connection's row and current entries.
+    for target in ["page 2", "heads root page"] {
         let dir = tempfile::tempdir().expect("temp dir");
         let (db, id) = make_highwater_db(dir.path(), &http);
         let page_number = match target {
             "page 2" => 2,
-            _ => root_page(&db, "entries"),
+            _ => root_page(&db, "heads"),
         };
         damage_page(&db, page_number);
         let before = fs::read(&db).expect("read the damaged file");

@@ -97,15 +97,17 @@ pub fn load(conn: &Connection, dump: &ConnectionDump, overwrite: bool) -> Result
     if exists && !overwrite {
         return Ok(LoadOutcome::Exists);
     }
-    // `changes` and `revisions` are views of `history` (migrations/sqlite/0004).
-    for table in ["entries", "history", "connections"] {
+    // `changes` and `revisions` are views of `history`, `connections` and
+    // `entries` of `heads` (migrations/sqlite/0004, 0006).
+    for table in ["heads", "history"] {
         conn.execute(&format!("DELETE FROM {table} WHERE connection_id = ?1"), [&id]).map_err(classify)?;
     }
     let state_type = dump.state_type.map(StateType::as_str);
     // A new epoch: anything cached about the connection it replaces is stale.
     let epoch = i64::from_le_bytes(Uuid::new_v4().as_bytes()[..8].try_into().unwrap_or_default());
     conn.execute(
-        "INSERT INTO connections (connection_id, state_type, revision, next_seq, epoch) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO heads (connection_id, entry_key, state_type, revision, next_seq, epoch) \
+         VALUES (?1, '', ?2, ?3, ?4, ?5)",
         params![id, state_type, dump.revision as i64, dump.next_seq, epoch],
     )
     .map_err(classify)?;
@@ -120,7 +122,7 @@ pub fn load(conn: &Connection, dump: &ConnectionDump, overwrite: bool) -> Result
         insert_change(conn, &id, c.revision as i64, &c.key, c.blob.as_ref().map(Blob::as_str), c.seq)?;
     }
     let mut entry_row = conn
-        .prepare_cached("INSERT INTO entries (connection_id, entry_key, seq, revision) VALUES (?1, ?2, ?3, ?4)")
+        .prepare_cached("INSERT INTO heads (connection_id, entry_key, seq, revision) VALUES (?1, ?2, ?3, ?4)")
         .map_err(classify)?;
     for (key, seq, revision) in &dump.entries {
         entry_row.execute(params![id, key, seq, *revision as i64]).map_err(classify)?;

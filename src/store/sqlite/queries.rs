@@ -199,9 +199,11 @@ pub fn apply(
     Ok((Applied { revision, changed: true, state }, Some(update)))
 }
 
-/// A written connection's row: type, revision and next position.
-pub const SET_HEADER: &str = "INSERT INTO connections (connection_id, state_type, revision, next_seq) \
-     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (connection_id) DO UPDATE SET state_type = ?2, revision = ?3, next_seq = ?4";
+/// A written connection's row: type, revision and next position. It is
+/// the row of `heads` with the entry key '' (migrations/sqlite/0006).
+pub const SET_HEADER: &str = "INSERT INTO heads (connection_id, entry_key, state_type, revision, next_seq, epoch) \
+     VALUES (?1, '', ?2, ?3, ?4, 0) \
+     ON CONFLICT (connection_id, entry_key) DO UPDATE SET state_type = ?2, revision = ?3, next_seq = ?4";
 /// A write's revision row: the row of `history` with the entry key ''
 /// (migrations/sqlite/0004), inserted after the revision's changes.
 pub const ADD_REVISION: &str =
@@ -245,7 +247,7 @@ fn record_change(
     let (key, revision) = (change.key.as_str(), revision as i64);
     let Some(blob) = change.blob else {
         insert_change(conn, id, revision, key, None, None)?;
-        exec(conn, "DELETE FROM entries WHERE connection_id = ?1 AND entry_key = ?2", params![id, key])?;
+        exec(conn, "DELETE FROM heads WHERE connection_id = ?1 AND entry_key = ?2", params![id, key])?;
         return Ok(None);
     };
     let seq = change.seq.unwrap_or_else(|| {
@@ -254,9 +256,9 @@ fn record_change(
     });
     insert_change(conn, id, revision, key, Some(blob.as_str()), Some(seq))?;
     let sql = if change.existed {
-        "UPDATE entries SET revision = ?3, seq = ?4 WHERE connection_id = ?1 AND entry_key = ?2"
+        "UPDATE heads SET revision = ?3, seq = ?4 WHERE connection_id = ?1 AND entry_key = ?2"
     } else {
-        "INSERT INTO entries (connection_id, entry_key, revision, seq) VALUES (?1, ?2, ?3, ?4)"
+        "INSERT INTO heads (connection_id, entry_key, revision, seq) VALUES (?1, ?2, ?3, ?4)"
     };
     exec(conn, sql, params![id, key, revision, seq])?;
     Ok(Some(seq))

@@ -15,6 +15,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0003_checks_without_lists.sql"),
     include_str!("../../../migrations/sqlite/0004_revisions_beside_changes.sql"),
     include_str!("../../../migrations/sqlite/0005_binary_connection_ids.sql"),
+    include_str!("../../../migrations/sqlite/0006_heads.sql"),
 ];
 
 /// Why a database file cannot be used. Shown at start-up, so it names the
@@ -248,13 +249,10 @@ mod tests {
         assert_eq!(kept, 1);
     }
 
-    /// The opcodes SQLite compiles the write path's statements on
-    /// `connections` and the revision row to, on `conn`; `add_revision`:
-    /// that row's insert as the file's schema has it.
-    fn write_opcodes(conn: &Connection, add_revision: &str) -> Vec<String> {
-        use crate::store::sqlite::queries::SET_HEADER;
+    /// The opcodes SQLite compiles `statements` to, on `conn`.
+    fn opcodes(conn: &Connection, statements: &[&str]) -> Vec<String> {
         let mut opcodes = Vec::new();
-        for sql in [SET_HEADER, add_revision] {
+        for sql in statements {
             let mut explain = conn.prepare(&format!("EXPLAIN {sql}")).unwrap();
             let count = explain.parameter_count();
             let rows = explain.query_map(rusqlite::params_from_iter(vec![None::<i64>; count]), |r| r.get(1)).unwrap();
@@ -265,25 +263,28 @@ mod tests {
 
     #[test]
     fn a_file_at_schema_2_gets_its_type_checks_without_temporary_tables() {
-        use crate::store::sqlite::queries::ADD_REVISION;
+        use crate::store::sqlite::queries::{ADD_REVISION, SET_HEADER};
         let (_dir, path, conn) = file_at_schema(2);
-        let schema_2_revision =
+        // The write path's statements on the connection's row and the
+        // revision's row, as schema 2 had them.
+        let schema_2 = [
+            "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (connection_id) DO UPDATE SET state_type = ?2, revision = ?3, next_seq = ?4",
             "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
-        let opcodes = write_opcodes(&conn, schema_2_revision);
-        assert!(opcodes.iter().any(|op| op == "OpenEphemeral"), "schema 2 was expected to use them");
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        ];
+        assert!(opcodes(&conn, &schema_2).iter().any(|op| op == "OpenEphemeral"), "schema 2 was expected to use them");
         drop(conn);
 
         // The connection that migrated is the one that goes on to write.
         let conn = open_writer(&path, true).unwrap();
         let ephemeral: Vec<String> =
-            write_opcodes(&conn, ADD_REVISION).into_iter().filter(|op| op == "OpenEphemeral").collect();
+            opcodes(&conn, &[SET_HEADER, ADD_REVISION]).into_iter().filter(|op| op == "OpenEphemeral").collect();
         assert!(ephemeral.is_empty(), "the write statements still build temporary tables");
+        // The tables holding the connection's row and the revision's row.
         let insert = |table: &str, state_type: Option<&str>| {
             let sql = match table {
-                "connections" => {
-                    "INSERT INTO connections (connection_id, state_type, revision, next_seq) VALUES (?1, ?2, 1, 1)"
-                }
+                "heads" => "INSERT INTO heads (connection_id, entry_key, state_type, revision) VALUES (?1, '', ?2, 1)",
                 _ => {
                     "INSERT INTO history (connection_id, revision, entry_key, created_at_ms, state_type) \
                      VALUES (?1, 1, '', 0, ?2)"
@@ -291,7 +292,7 @@ mod tests {
             };
             conn.execute(sql, rusqlite::params![format!("{table}-{state_type:?}"), state_type])
         };
-        for table in ["connections", "history"] {
+        for table in ["heads", "history"] {
             for allowed in [Some("legacy"), Some("global"), Some("stream"), None] {
                 insert(table, allowed).unwrap_or_else(|e| panic!("{table} refused {allowed:?}: {e}"));
             }
@@ -326,7 +327,7 @@ mod tests {
     }
 
     #[test]
-    fn a_file_at_schema_3_keeps_its_history_entries_and_leases() {
+    fn a_file_at_schema_3_keeps_its_connections_history_entries_and_leases() {
         use crate::store::sqlite::queries::{header, lease_row};
         let (_dir, path, conn) = file_at_schema(3);
         conn.execute_batch(&format!(
@@ -342,16 +343,20 @@ mod tests {
         ))
         .unwrap();
         let text_id = "replace(connection_id, '-', '')";
-        let before: Vec<Vec<String>> =
-            ["revisions", "changes", "entries"].iter().map(|table| rows_of(&conn, table, text_id)).collect();
+        let before: Vec<Vec<String>> = ["connections", "revisions", "changes", "entries"]
+            .iter()
+            .map(|table| rows_of(&conn, table, text_id))
+            .collect();
         drop(conn);
 
         let conn = open_writer(&path, true).unwrap();
         let blob_id = "lower(hex(connection_id))";
-        let after: Vec<Vec<String>> =
-            ["revisions", "changes", "entries"].iter().map(|table| rows_of(&conn, table, blob_id)).collect();
+        let after: Vec<Vec<String>> = ["connections", "revisions", "changes", "entries"]
+            .iter()
+            .map(|table| rows_of(&conn, table, blob_id))
+            .collect();
         assert_eq!(after, before);
-        assert_eq!(before[0].len(), 3);
+        assert_eq!(before.iter().map(Vec::len).collect::<Vec<_>>(), [1, 3, 3, 1]);
         let id = crate::state::ConnectionId::parse(C).unwrap();
         let head = header(&conn, id).unwrap().unwrap();
         assert_eq!((head.revision, head.next_seq), (3, 2));
