@@ -182,6 +182,17 @@ fn migrate(conn: &mut Connection, path: &str, apply: bool) -> Result<(), OpenErr
     if version < known as i64 && !apply {
         return Err(OpenError::TooOld { path: path.to_owned(), found: version, known });
     }
+    if version > 0 {
+        // Said before, not only after: some migrations copy every table, and
+        // a start-up that takes a minute should say why while it does.
+        tracing::info!(
+            path,
+            from = version,
+            to = known,
+            "upgrading the SQLite schema in one transaction; on a large file this takes a while \
+             (about a minute per GB measured), and an interruption leaves the file as it was"
+        );
+    }
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         tx.execute_batch(sql).map_err(setup)?;
         // DDL moves the schema cookie by itself; an edit of a table's text
