@@ -89,28 +89,66 @@ pub enum Update {
     Forget,
 }
 
-/// The states the writes of one group commit produced, by connection, for
-/// the writer that applies them: a later write to the same connection in
-/// the group starts from the state an earlier one produced instead of
-/// reading it back (the cache learns of them only after the commit).
+/// The states the writes of the writer's unsettled group commits produced,
+/// by connection: a later write to the same connection starts from the
+/// state an earlier one produced instead of reading it back (the cache
+/// learns of a commit only once it is durable, see `sqlite::sync`). Shared
+/// by the writer, which notes and looks up, and the sync thread, which
+/// forgets what it has made durable: a large state is not kept alive
+/// after the cache has it, or has let it go.
 #[derive(Default)]
-pub struct GroupStates(HashMap<ConnectionId, (Version, Cached)>);
+pub struct GroupStates(Mutex<GroupInner>);
+
+#[derive(Default)]
+struct GroupInner {
+    /// State, version and the group that produced it.
+    states: HashMap<ConnectionId, (Version, Cached, u64)>,
+    /// The group being applied.
+    group: u64,
+}
 
 impl GroupStates {
-    /// The state `id` had at `version` within the group, if a write in it
+    /// The state `id` had at `version`, if a write of an unsettled group
     /// produced that state.
     pub fn get(&self, id: ConnectionId, version: Version) -> Option<Cached> {
-        self.0.get(&id).filter(|(at, _)| *at == version).map(|(_, cached)| cached.clone())
+        let inner = self.0.lock().ok()?;
+        inner.states.get(&id).filter(|(at, _, _)| *at == version).map(|(_, cached, _)| cached.clone())
+    }
+
+    /// Starts group `group`: what the writer notes from now on is its.
+    pub fn begin(&self, group: u64) {
+        if let Ok(mut inner) = self.0.lock() {
+            inner.group = group;
+        }
+    }
+
+    /// Forgets what the groups up to `settled` produced: the cache has
+    /// been told of those.
+    pub fn settle(&self, settled: u64) {
+        if let Ok(mut inner) = self.0.lock() {
+            inner.states.retain(|_, (_, _, by)| *by > settled);
+        }
+    }
+
+    /// Forgets everything: the group being applied was rolled back.
+    pub fn clear(&self) {
+        if let Ok(mut inner) = self.0.lock() {
+            inner.states.clear();
+        }
     }
 
     /// Records what a write of the group did.
-    pub fn note(&mut self, id: ConnectionId, update: &Update) {
+    pub fn note(&self, id: ConnectionId, update: &Update) {
+        let Ok(mut inner) = self.0.lock() else {
+            return;
+        };
         match update {
             Update::Put(version, cached) => {
-                self.0.insert(id, (*version, cached.clone()));
+                let group = inner.group;
+                inner.states.insert(id, (*version, cached.clone(), group));
             }
             Update::Defer { .. } | Update::Forget => {
-                self.0.remove(&id);
+                inner.states.remove(&id);
             }
         }
     }

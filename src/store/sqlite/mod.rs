@@ -3,10 +3,11 @@
 //! One thread owns the only writing connection and commits writes in
 //! groups: it takes every write waiting in its queue, applies each in turn
 //! (a refused write has written nothing; other jobs run inside their own
-//! savepoint), commits once, and only then answers each of them.
-//! Concurrent writers so share one fsync without any of them being
-//! acknowledged before it is durable. Reads run on a small pool of read-only
-//! connections and never wait for the writer.
+//! savepoint) and commits once. A second thread syncs the WAL and only then
+//! answers each of them (see `sync`), while the writer goes on with the
+//! next group. Concurrent writers so share one fsync without any of them
+//! being acknowledged before it is durable. Reads run on a small pool of
+//! read-only connections and never wait for the writer.
 //!
 //! A serving process holds a lock on the file, so it is the file's only
 //! writer: the writer thread reports every commit to the state cache in
@@ -17,6 +18,7 @@ mod dump;
 mod history;
 mod queries;
 mod schema;
+mod sync;
 
 use std::any::Any;
 use std::path::{Path, PathBuf};
@@ -31,6 +33,7 @@ use uuid::Uuid;
 
 pub use schema::OpenError;
 
+use self::sync::{Durability, Finished, Syncer};
 use super::cache::{GroupStates, StateCache, Update};
 use super::dump::ConnectionDump;
 use super::{Applied, LoadOutcome, Store, StoreError};
@@ -97,6 +100,8 @@ pub struct SqliteStore {
     /// Set when the background integrity check finds damage: from then on
     /// nothing is written and health reports the store unavailable.
     damaged: Arc<AtomicBool>,
+    /// Which commits are durable; reads from the database wait on it.
+    durability: Arc<Durability>,
 }
 
 /// Checks a large file page by page on a thread of its own, marking the
@@ -133,6 +138,8 @@ impl SqliteStore {
         let setup = |source| OpenError::Setup { path: path.display().to_string(), source };
         writer.pragma_update(None, "cache_size", -WRITER_CACHE_KIB).map_err(setup)?;
         writer.pragma_update(None, "wal_autocheckpoint", checkpoint::WRITER_BACKSTOP_PAGES).map_err(setup)?;
+        // The sync thread syncs the WAL after each commit (see `sync`).
+        writer.pragma_update(None, "synchronous", "NORMAL").map_err(setup)?;
         let checkpointer = checkpoint::Checkpointer::start(path)?;
         let damaged = Arc::new(AtomicBool::new(false));
         let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
@@ -145,10 +152,13 @@ impl SqliteStore {
             .map_err(|source| OpenError::Open { path: path.display().to_string(), source })?;
         let (writes, queue) = mpsc::channel(QUEUE_DEPTH);
         let cache = Arc::new(StateCache::new(cache_bytes));
-        let reported = cache.clone();
+        let durability = Arc::new(Durability::new());
+        let states = Arc::new(GroupStates::default());
+        let syncer = Syncer::start(path, durability.clone(), cache.clone(), states.clone())?;
+        let begun = durability.clone();
         let writer = thread::Builder::new()
             .name("hw-sqlite-write".to_owned())
-            .spawn(move || write_loop(writer, queue, checkpointer, &reported))
+            .spawn(move || write_loop(writer, queue, checkpointer, syncer, &begun, &states))
             .map_err(OpenError::Thread)?;
         Ok(Self {
             path: path.to_owned(),
@@ -159,6 +169,7 @@ impl SqliteStore {
             readers: Arc::new(Mutex::new(readers)),
             read_permits: Semaphore::new(READERS),
             damaged,
+            durability,
         })
     }
 
@@ -189,6 +200,8 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Internal(format!("read task failed: {e}")))?;
         self.readers.lock().map_err(|_| poisoned())?.push(conn);
+        // The snapshot may hold commits whose WAL is still being synced.
+        self.durability.settle_reads().await;
         result
     }
 }
@@ -215,6 +228,18 @@ impl SqliteStore {
         Ok(self.cache.get(id, header.version()).map(|cached| cached.state))
     }
 
+    /// Refuses once the file failed its integrity check or a commit could
+    /// not be made durable.
+    fn writable(&self) -> Result<(), StoreError> {
+        if self.damaged.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(format!("{} failed its integrity check", self.path.display())));
+        }
+        match self.durability.failure() {
+            Some(failure) => Err(StoreError::Unavailable(failure.to_owned())),
+            None => Ok(()),
+        }
+    }
+
     /// Runs `f` on the writer thread, inside its own savepoint of the next
     /// group commit, and answers once that commit is durable. For jobs that
     /// do not change any connection's current state.
@@ -235,9 +260,7 @@ impl SqliteStore {
             + Send
             + 'static,
     {
-        if self.damaged.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable(format!("{} failed its integrity check", self.path.display())));
-        }
+        self.writable()?;
         let (reply, answer) = oneshot::channel();
         let stopped = || StoreError::Unavailable("the SQLite writer has stopped".to_owned());
         let run: Work = Box::new(move |conn: &Connection, group: &GroupStates| {
@@ -329,9 +352,7 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        if self.damaged.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable(format!("{} failed its integrity check", self.path.display())));
-        }
+        self.writable()?;
         if self.writes.is_closed() {
             return Err(StoreError::Unavailable("the SQLite writer has stopped".to_owned()));
         }
@@ -375,14 +396,17 @@ impl Drop for SqliteStore {
     }
 }
 
-/// The writer thread: commits queued writes in groups until every sender
-/// is gone, then checkpoints the WAL.
+/// The writer thread: commits queued writes in groups, handing each to the
+/// sync thread, until every sender is gone; then checkpoints the WAL.
 fn write_loop(
     mut conn: Connection,
     mut queue: mpsc::Receiver<WriteJob>,
     checkpointer: checkpoint::Checkpointer,
-    cache: &StateCache,
+    syncer: Syncer,
+    durability: &Durability,
+    states: &GroupStates,
 ) {
+    let mut seq = 0;
     while let Some(first) = queue.blocking_recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -391,41 +415,56 @@ fn write_loop(
                 Err(_) => break,
             }
         }
+        seq += 1;
+        states.begin(seq);
         let (writes, started) = (group.len(), std::time::Instant::now());
-        commit_group(&mut conn, group, cache);
+        let (answers, committed) = commit_group(&mut conn, group, states, || durability.begin(seq));
         tracing::debug!(writes, elapsed_us = started.elapsed().as_micros() as u64, "write group");
+        if committed.is_err() {
+            // What the group noted was rolled back.
+            states.clear();
+        }
+        syncer.send(Finished { seq, answers, committed });
         checkpointer.poke();
     }
+    syncer.stop();
     checkpointer.stop();
     if let Err(error) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
         tracing::warn!(%error, "could not checkpoint the WAL at shutdown; it will be replayed at the next start");
     }
 }
 
-fn commit_group(conn: &mut Connection, group: Vec<WriteJob>, cache: &StateCache) {
+type Answers = Vec<(Reply, Result<Done, StoreError>)>;
+
+/// Applies a group's jobs in one transaction and commits it, calling
+/// `begin` just before the commit. Answers nothing: returns each job's
+/// result and the commit's outcome.
+fn commit_group(
+    conn: &mut Connection,
+    group: Vec<WriteJob>,
+    states: &GroupStates,
+    begin: impl FnOnce(),
+) -> (Answers, Result<(), StoreError>) {
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
             let error = classify(e);
-            for job in group {
-                let _ = job.reply.send(Err(error.clone()));
-            }
-            return;
+            let answers = group.into_iter().map(|job| (job.reply, Err(error.clone()))).collect();
+            return (answers, Err(error));
         }
     };
-    let mut answers: Vec<(Reply, Result<Done, StoreError>)> = Vec::with_capacity(group.len());
+    let mut answers: Answers = Vec::with_capacity(group.len());
     let mut broken = None;
-    let mut states = GroupStates::default();
     let mut jobs = group.into_iter();
     for job in jobs.by_ref() {
         let run = job.run;
         let result = match job.isolation {
             Isolation::Savepoint => tx.savepoint().map_err(classify).and_then(|savepoint| {
-                let output = run(&savepoint, &states)?;
+                let output = run(&savepoint, states)?;
                 savepoint.commit().map_err(classify)?;
                 Ok(output)
             }),
-            Isolation::RefusesBeforeWriting => run(&tx, &states),
+            Isolation::RefusesBeforeWriting => run(&tx, states),
         };
         if let Ok(Done { cache: Some((id, update)), .. }) = &result {
             states.note(*id, update);
@@ -443,32 +482,21 @@ fn commit_group(conn: &mut Connection, group: Vec<WriteJob>, cache: &StateCache)
             break;
         }
     }
-    // Nothing is acknowledged before the commit (and its fsync) returns. A
-    // job that failed after writing part of its work takes the group down:
+    // A job that failed after writing part of its work takes the group down:
     // the transaction rolls back and every write in it gets that error (such
     // failures are a full or failing disk, which the others would meet too).
     let committed = match broken {
-        None => tx.commit().map_err(classify),
+        None => {
+            begin();
+            tx.commit().map_err(classify)
+        }
         Some(error) => {
             drop(tx);
-            for job in jobs {
-                let _ = job.reply.send(Err(error.clone()));
-            }
+            answers.extend(jobs.map(|job| (job.reply, Err(error.clone()))));
             Err(error)
         }
     };
-    if committed.is_ok() {
-        // Before anyone is answered, and in the order the writes were made.
-        cache.committed(answers.iter_mut().filter_map(|(_, result)| result.as_mut().ok()?.cache.take()));
-    }
-    for (reply, result) in answers {
-        let result = match (&committed, result) {
-            (Err(error), Ok(_)) => Err(error.clone()),
-            (_, result) => result.map(|done| done.output),
-        };
-        // A client that went away no longer waits for its answer.
-        let _ = reply.send(result);
-    }
+    (answers, committed)
 }
 
 /// Classifies a SQLite error once, for every caller.

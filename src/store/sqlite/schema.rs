@@ -59,6 +59,8 @@ pub enum OpenError {
     Lock { path: String, source: std::io::Error },
     #[error("cannot start the SQLite writer thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot open the WAL {path} to sync it: {source}")]
+    Wal { path: String, source: std::io::Error },
     #[error("cannot prepare the SQLite database {path}: {source}")]
     Setup { path: String, source: rusqlite::Error },
 }
