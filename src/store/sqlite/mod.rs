@@ -434,6 +434,7 @@ fn write_loop(
     }
 }
 
+/// Each job of a group with its result, waiting to be answered.
 type Answers = Vec<(Reply, Result<Done, StoreError>)>;
 
 /// Applies a group's jobs in one transaction and commits it, calling

@@ -27,7 +27,7 @@ use std::thread;
 use tokio::sync::watch;
 
 use super::schema::OpenError;
-use super::{Done, Reply};
+use super::Answers;
 use crate::store::cache::{GroupStates, StateCache};
 use crate::store::StoreError;
 
@@ -79,7 +79,7 @@ impl Durability {
 pub struct Finished {
     /// The group's place in commit order.
     pub seq: u64,
-    pub answers: Vec<(Reply, Result<Done, StoreError>)>,
+    pub answers: Answers,
     /// The commit's outcome; on `Err` nothing of the group was committed.
     pub committed: Result<(), StoreError>,
 }
@@ -215,6 +215,7 @@ mod tests {
     use super::*;
     use crate::state::{ConnectionId, StoredState};
     use crate::store::cache::{Cached, Update, Version};
+    use crate::store::sqlite::Done;
 
     /// A write job's answer channel, and a finished group of that one job.
     fn group(
