@@ -204,9 +204,13 @@ impl ConnectionDump {
     /// that cannot be read back.
     fn check(&self) -> Result<(), String> {
         let mut sets = HashSet::new();
+        let mut listed = HashSet::new();
         for r in &self.revisions {
             if r.revision == 0 || r.revision > self.revision {
                 return Err(format!("revision {} is outside 1..={}", r.revision, self.revision));
+            }
+            if !listed.insert(r.revision) {
+                return Err(format!("revision {} is listed twice", r.revision));
             }
         }
         for c in &self.changes {
@@ -286,6 +290,15 @@ mod tests {
     fn an_entry_pointing_at_a_revision_that_does_not_set_it_is_refused() {
         let mut dump = sample();
         dump.entries[0].2 = 1;
+        let line = dump.to_line().unwrap();
+        assert!(matches!(ConnectionDump::from_line(&line), Err(DumpError::Inconsistent { .. })));
+    }
+
+    #[test]
+    fn a_revision_listed_twice_is_refused() {
+        let mut dump = sample();
+        let again = dump.revisions[0].clone();
+        dump.revisions.push(again);
         let line = dump.to_line().unwrap();
         assert!(matches!(ConnectionDump::from_line(&line), Err(DumpError::Inconsistent { .. })));
     }
