@@ -85,8 +85,6 @@ const STORED: &str = "SELECT t.c, t.k, ch.blob, e.seq \
        WHERE connection_id = t.c AND entry_key = t.k LIMIT 1) e \
      CROSS JOIN LATERAL (SELECT blob FROM changes \
        WHERE connection_id = t.c AND revision = e.revision AND entry_key = t.k LIMIT 1) ch";
-const RECORD_CHANGES: &str = "INSERT INTO changes (connection_id, revision, entry_key, blob, seq) \
-     SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::int8[])";
 const DELETE_ENTRIES: &str = "DELETE FROM entries WHERE ctid = ANY(ARRAY( \
      SELECT x.ctid FROM unnest($1::text[], $2::text[]) AS d(c, k) \
      CROSS JOIN LATERAL (SELECT ctid FROM entries WHERE connection_id = d.c AND entry_key = d.k LIMIT 1) x))";
@@ -95,11 +93,13 @@ const DELETE_ENTRIES: &str = "DELETE FROM entries WHERE ctid = ANY(ARRAY( \
 const SET_ENTRIES: &str = "INSERT INTO entries (connection_id, entry_key, revision, seq) \
      SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) \
      ON CONFLICT (connection_id, entry_key) DO UPDATE SET revision = excluded.revision, seq = excluded.seq";
-/// Each written connection's row and revision row, its type set only if an
-/// entry remains: known to Highwater when it had the state before the
-/// write, else looked up (COALESCE evaluates the lookup only then; the
-/// statement sees the entry changes sent before it). A revision is dated
-/// by the database's clock. Returns each connection's type after the write.
+/// Each written connection's row, its type set only if an entry remains:
+/// known to Highwater when it had the state before the write, else looked
+/// up (COALESCE evaluates the lookup only then; the statement sees the
+/// entry changes sent before it). Then every change row, the first of each
+/// revision carrying the revision's date (the database's clock), its type
+/// after the write, actor and reason (migrations/postgres/0004). Returns
+/// each connection's type after the write.
 const FINISH_REVISIONS: &str = "WITH t AS ( \
        SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::bool[]) \
          AS t(id, rev, next_seq, st, actor, reason, remaining)), \
@@ -109,11 +109,17 @@ const FINISH_REVISIONS: &str = "WITH t AS ( \
          ORDER BY entry_key LIMIT 1), false) THEN t.st END, t.rev, t.next_seq FROM t \
        ON CONFLICT (connection_id) DO UPDATE SET state_type = excluded.state_type, \
          revision = excluded.revision, next_seq = excluded.next_seq \
-       RETURNING connection_id, state_type) \
-     INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
-     SELECT t.id, t.rev, (extract(epoch FROM clock_timestamp()) * 1000)::bigint, h.state_type, t.actor, t.reason \
-     FROM t JOIN header h ON h.connection_id = t.id \
-     RETURNING connection_id, state_type";
+       RETURNING connection_id, state_type), \
+     recorded AS ( \
+       INSERT INTO history (connection_id, revision, entry_key, blob, seq, created_at_ms, state_type, actor, reason) \
+       SELECT c.id, c.rev, c.k, c.blob, c.seq, \
+         CASE WHEN c.first THEN (extract(epoch FROM clock_timestamp()) * 1000)::bigint END, \
+         h.state_type, m.actor, m.reason \
+       FROM unnest($8::text[], $9::int8[], $10::text[], $11::text[], $12::int8[], $13::bool[]) \
+         AS c(id, rev, k, blob, seq, first) \
+       LEFT JOIN t m ON c.first AND m.id = c.id AND m.rev = c.rev \
+       LEFT JOIN header h ON c.first AND h.connection_id = c.id) \
+     SELECT connection_id, state_type FROM header";
 
 /// What one write produces: the caller's answer and what to cache.
 pub type Outcome = Result<(Applied, Option<Update>), StoreError>;
@@ -909,10 +915,16 @@ struct ChangeRows<'a> {
     keys: Vec<&'a str>,
     blobs: Vec<Option<&'a str>>,
     seqs: Vec<Option<i64>>,
+    /// Whether the row is its revision's first, which carries the
+    /// revision's metadata.
+    firsts: Vec<bool>,
 }
 
 impl<'a> ChangeRows<'a> {
+    /// Adds a change; a write's changes come one after another.
     fn push(&mut self, id: &'a str, revision: i64, key: &'a str, blob: Option<&'a str>, seq: Option<i64>) {
+        let previous = self.ids.last().copied().zip(self.revisions.last().copied());
+        self.firsts.push(previous != Some((id, revision)));
         self.ids.push(id);
         self.revisions.push(revision);
         self.keys.push(key);
@@ -1021,7 +1033,6 @@ impl Rows<'_> {
             Some(_) => Some((prepare(client, LOCK_ALL).await?, prepare(client, EXPECT).await?)),
             None => None,
         };
-        let record = prepare(client, RECORD_CHANGES).await?;
         let delete = prepare(client, DELETE_ENTRIES).await?;
         let set = prepare(client, SET_ENTRIES).await?;
         let finish = prepare(client, FINISH_REVISIONS).await?;
@@ -1049,9 +1060,6 @@ impl Rows<'_> {
                 }
             },
             async {
-                if written { client.execute(&record, &[&c.ids, &c.revisions, &c.keys, &c.blobs, &c.seqs]).await } else { skip().await }
-            },
-            async {
                 if deleted_ids.is_empty() { skip().await } else { client.execute(&delete, &[&deleted_ids, &deleted_keys]).await }
             },
             async {
@@ -1060,7 +1068,13 @@ impl Rows<'_> {
             async {
                 if written {
                     client
-                        .query(&finish, &[&r.ids, &r.revisions, &r.next_seqs, &r.types, &r.actors, &r.reasons, &r.remaining])
+                        .query(
+                            &finish,
+                            &[
+                                &r.ids, &r.revisions, &r.next_seqs, &r.types, &r.actors, &r.reasons, &r.remaining,
+                                &c.ids, &c.revisions, &c.keys, &c.blobs, &c.seqs, &c.firsts,
+                            ],
+                        )
                         .await
                 } else {
                     Ok(Vec::new())
@@ -1069,7 +1083,7 @@ impl Rows<'_> {
             async { if commit { client.batch_execute("COMMIT").await } else { Ok(()) } },
         );
         let finished = match sent {
-            Ok(((), _, _, _, finished, ())) => finished,
+            Ok(((), _, _, finished, ())) => finished,
             Err(error) if error.code().is_some_and(|code| code.code() == STALE) => return Ok(None),
             Err(error) => return Err(classify(error)),
         };

@@ -1,6 +1,8 @@
 //! Whole-record reads and writes for export and import. Text is ordered
 //! with `COLLATE "C"` so both backends list in the same (byte) order.
 
+use std::collections::HashMap;
+
 use deadpool_postgres::GenericClient;
 
 use super::classify;
@@ -121,27 +123,34 @@ pub async fn load(
     )
     .await
     .map_err(classify)?;
-    let numbers: Vec<i64> = dump.revisions.iter().map(|r| r.revision as i64).collect();
-    let times: Vec<i64> = dump.revisions.iter().map(|r| r.created_at_ms).collect();
-    let types: Vec<Option<&str>> = dump.revisions.iter().map(|r| r.state_type.map(StateType::as_str)).collect();
-    let actors: Vec<Option<&str>> = dump.revisions.iter().map(|r| r.actor.as_deref()).collect();
-    let reasons: Vec<Option<&str>> = dump.revisions.iter().map(|r| r.reason.as_deref()).collect();
+    // Each revision's metadata goes on its first change row, or on a row
+    // of its own under '' when it has none (migrations/postgres/0004).
+    let mut meta: HashMap<u64, &RevisionDump> = dump.revisions.iter().map(|r| (r.revision, r)).collect();
+    let mut rows = Vec::with_capacity(dump.changes.len());
+    for c in &dump.changes {
+        let blob = c.blob.as_ref().map(Blob::as_str);
+        rows.push(HistoryRow { revision: c.revision, key: &c.key, blob, seq: c.seq, meta: meta.remove(&c.revision) });
+    }
+    for r in &dump.revisions {
+        if meta.remove(&r.revision).is_some() {
+            rows.push(HistoryRow { revision: r.revision, key: "", blob: None, seq: None, meta: Some(r) });
+        }
+    }
+    let revisions: Vec<i64> = rows.iter().map(|row| row.revision as i64).collect();
+    let keys: Vec<&str> = rows.iter().map(|row| row.key).collect();
+    let blobs: Vec<Option<&str>> = rows.iter().map(|row| row.blob).collect();
+    let seqs: Vec<Option<i64>> = rows.iter().map(|row| row.seq).collect();
+    let times: Vec<Option<i64>> = rows.iter().map(|row| row.meta.map(|r| r.created_at_ms)).collect();
+    let types: Vec<Option<&str>> =
+        rows.iter().map(|row| row.meta.and_then(|r| r.state_type.map(StateType::as_str))).collect();
+    let actors: Vec<Option<&str>> = rows.iter().map(|row| row.meta.and_then(|r| r.actor.as_deref())).collect();
+    let reasons: Vec<Option<&str>> = rows.iter().map(|row| row.meta.and_then(|r| r.reason.as_deref())).collect();
     tx.execute(
-        "INSERT INTO revisions (connection_id, revision, created_at_ms, state_type, actor, reason) \
-         SELECT $1, r, t, s, a, w FROM unnest($2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[]) \
-         AS u(r, t, s, a, w)",
-        &[&id, &numbers, &times, &types, &actors, &reasons],
-    )
-    .await
-    .map_err(classify)?;
-    let revisions: Vec<i64> = dump.changes.iter().map(|c| c.revision as i64).collect();
-    let keys: Vec<&str> = dump.changes.iter().map(|c| c.key.as_str()).collect();
-    let blobs: Vec<Option<&str>> = dump.changes.iter().map(|c| c.blob.as_ref().map(Blob::as_str)).collect();
-    let seqs: Vec<Option<i64>> = dump.changes.iter().map(|c| c.seq).collect();
-    tx.execute(
-        "INSERT INTO changes (connection_id, revision, entry_key, blob, seq) \
-         SELECT $1, r, k, b, s FROM unnest($2::int8[], $3::text[], $4::text[], $5::int8[]) AS u(r, k, b, s)",
-        &[&id, &revisions, &keys, &blobs, &seqs],
+        "INSERT INTO history (connection_id, revision, entry_key, blob, seq, created_at_ms, state_type, actor, reason) \
+         SELECT $1, r, k, b, s, t, y, a, w \
+         FROM unnest($2::int8[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::text[], $8::text[], $9::text[]) \
+         AS u(r, k, b, s, t, y, a, w)",
+        &[&id, &revisions, &keys, &blobs, &seqs, &times, &types, &actors, &reasons],
     )
     .await
     .map_err(classify)?;
@@ -156,4 +165,14 @@ pub async fn load(
     .await
     .map_err(classify)?;
     Ok(LoadOutcome::Loaded)
+}
+
+/// A row of `history` an import writes: a change, or a revision's own row
+/// (key ''), with the revision's metadata when it is the revision's first.
+struct HistoryRow<'a> {
+    revision: u64,
+    key: &'a str,
+    blob: Option<&'a str>,
+    seq: Option<i64>,
+    meta: Option<&'a RevisionDump>,
 }

@@ -139,6 +139,11 @@ pub async fn prune(
             .get(0),
     };
     let keep_from = policy.oldest_kept(current, first_recent.map(|r| r as u64)) as i64;
+    let removed: i64 = tx
+        .query_one("SELECT count(*) FROM revisions WHERE connection_id = $1 AND revision < $2", &[&id_text, &keep_from])
+        .await
+        .map_err(classify)?
+        .get(0);
     exec(
         tx,
         // Every change older than its key's latest at or before the oldest
@@ -156,9 +161,20 @@ pub async fn prune(
         &[&id_text, &keep_from],
     )
     .await?;
-    let removed = tx
-        .execute("DELETE FROM revisions WHERE connection_id = $1 AND revision < $2", &[&id_text, &keep_from])
-        .await
-        .map_err(classify)?;
-    Ok(removed)
+    // The revisions' own rows, and the metadata of the change rows kept
+    // because they hold a current blob (migrations/postgres/0004).
+    exec(
+        tx,
+        "DELETE FROM history WHERE connection_id = $1 AND revision < $2 AND entry_key = ''",
+        &[&id_text, &keep_from],
+    )
+    .await?;
+    exec(
+        tx,
+        "UPDATE history SET created_at_ms = NULL, state_type = NULL, actor = NULL, reason = NULL \
+         WHERE connection_id = $1 AND revision < $2 AND created_at_ms IS NOT NULL",
+        &[&id_text, &keep_from],
+    )
+    .await?;
+    Ok(removed as u64)
 }

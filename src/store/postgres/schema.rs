@@ -11,6 +11,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/postgres/0001_init.sql"),
     include_str!("../../../migrations/postgres/0002_fewer_write_indexes.sql"),
     include_str!("../../../migrations/postgres/0003_expect.sql"),
+    include_str!("../../../migrations/postgres/0004_revisions_on_changes.sql"),
 ];
 
 /// Serialises migrations across nodes.
