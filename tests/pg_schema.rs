@@ -1,6 +1,7 @@
-//! PostgreSQL schema upgrades: a database written in an older layout reads
-//! the same after a newer Highwater migrates it. Runs on PostgreSQL
-//! whatever `HIGHWATER_TEST_BACKEND` says; `.ci/run` includes it.
+//! PostgreSQL's storage layout: a database written in an older layout
+//! reads the same after a newer Highwater migrates it, and a write still
+//! stores its entry when the row changed behind a node's cache. Runs on PostgreSQL whatever
+//! `HIGHWATER_TEST_BACKEND` says; `.ci/run` includes it.
 
 mod support;
 
@@ -136,4 +137,26 @@ async fn schema_3_reads_the_same_after_the_upgrade_to_revision_metadata_on_chang
     store.load(copy, false).await.unwrap();
     assert_eq!(entries(&store.read(other).await.unwrap()), entries(&store.read(kept).await.unwrap()));
     assert_eq!(store.history(other, 10, None).await.unwrap().revisions.len(), 3);
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL; .ci/run runs it with --include-ignored"]
+async fn an_entry_gone_behind_the_cache_is_written_again_not_lost() {
+    let database = TestDatabase::postgres_always().await;
+    let db = support::connect(&database.url_text()).await;
+    let store = database.open().await;
+    let id = ConnectionId::random();
+    let set = |blob: &str| StateWrite {
+        state_type: StateType::Stream,
+        ops: vec![highwater::state::EntryOp { key: key("a"), blob: Some(Blob::from_json(blob)) }],
+    };
+    store.write(id, set("1")).await.unwrap();
+    // The cache still holds the entry; its row is gone and the
+    // connection's row unchanged, which the batch's check of the
+    // connection cannot see: the write must still leave the entry stored.
+    db.execute("DELETE FROM entries WHERE connection_id = $1", &[&id.to_string()]).await.unwrap();
+
+    assert_eq!(store.write(id, set("2")).await.unwrap().revision, 2);
+    let fresh = database.open().await;
+    assert_eq!(entries(&fresh.read(id).await.unwrap()), [pair("a", "2")]);
 }
