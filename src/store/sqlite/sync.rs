@@ -232,6 +232,17 @@ mod tests {
         (syncer, durability, cache)
     }
 
+    /// A sync that counts its calls and answers `outcome`, and the count.
+    fn counted(outcome: fn() -> std::io::Result<()>) -> (SyncWal, Arc<AtomicUsize>) {
+        let syncs = Arc::new(AtomicUsize::new(0));
+        let counter = syncs.clone();
+        let sync = Box::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            outcome()
+        });
+        (sync, syncs)
+    }
+
     fn syncer_with_states(sync: SyncWal) -> (Syncer, Arc<Durability>, Arc<StateCache>, Arc<GroupStates>) {
         let durability = Arc::new(Durability::new());
         let cache = Arc::new(StateCache::new(1 << 20));
@@ -304,12 +315,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_sync_fails_its_writes_and_every_one_after_it() {
-        let syncs = Arc::new(AtomicUsize::new(0));
-        let counted = syncs.clone();
-        let (syncer, durability, cache) = syncer(Box::new(move || {
-            counted.fetch_add(1, Ordering::SeqCst);
-            Err(std::io::Error::other("injected EIO"))
-        }));
+        let (sync, syncs) = counted(|| Err(std::io::Error::other("injected EIO")));
+        let (syncer, durability, cache) = syncer(sync);
         durability.begin(1);
         let (finished, answer) = group(1, Ok(()));
         syncer.send(finished);
@@ -332,12 +339,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_group_that_did_not_commit_is_answered_without_a_sync() {
-        let syncs = Arc::new(AtomicUsize::new(0));
-        let counted = syncs.clone();
-        let (syncer, durability, cache) = syncer(Box::new(move || {
-            counted.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }));
+        let (sync, syncs) = counted(|| Ok(()));
+        let (syncer, durability, cache) = syncer(sync);
         durability.begin(1);
         let (finished, answer) = group(1, Err(StoreError::Full("injected".to_owned())));
         syncer.send(finished);
