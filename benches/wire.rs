@@ -52,7 +52,7 @@ fn stored_state(streams: usize) -> StoredState {
         state_type: Some(StateType::Stream),
         revision: 7,
         entries: (0..streams)
-            .map(|i| (EntryKey::Stream(descriptor(i)), Blob::from_stored(stream_blob(i, 0))))
+            .map(|i| (EntryKey::stream(descriptor(i)), Blob::from_stored(stream_blob(i, 0))))
             .collect(),
     }
 }
@@ -91,13 +91,13 @@ fn merge(c: &mut Criterion) {
         state_type: StateType::Stream,
         ops: (0..OPS)
             .map(|i| EntryOp {
-                key: EntryKey::Stream(descriptor(i)),
+                key: EntryKey::stream(descriptor(i)),
                 blob: Some(Blob::from_stored(stream_blob(i, i % 2))),
             })
             .collect(),
     };
     let stored: HashMap<String, (String, i64)> =
-        (0..OPS).map(|i| (EntryKey::Stream(descriptor(i)).encode(), (stream_blob(i, 0), i as i64))).collect();
+        (0..OPS).map(|i| (EntryKey::stream(descriptor(i)).encode(), (stream_blob(i, 0), i as i64))).collect();
     let pinned = HashMap::new();
 
     let mut group = c.benchmark_group("merge");

@@ -22,7 +22,7 @@ fn blob(i: usize, version: usize) -> Blob {
 
 fn op(i: usize, version: usize) -> EntryOp {
     let key =
-        EntryKey::Stream(StreamDescriptor { name: format!("table_{i:05}"), namespace: Some("public".to_owned()) });
+        EntryKey::stream(StreamDescriptor { name: format!("table_{i:05}"), namespace: Some("public".to_owned()) });
     EntryOp { key, blob: Some(blob(i, version)) }
 }
 

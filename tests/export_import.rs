@@ -29,7 +29,7 @@ fn op(key: EntryKey, blob: Option<&str>) -> EntryOp {
 }
 
 fn stream(name: &str, namespace: Option<&str>) -> EntryKey {
-    EntryKey::Stream(StreamDescriptor { name: name.to_owned(), namespace: namespace.map(str::to_owned) })
+    EntryKey::stream(StreamDescriptor { name: name.to_owned(), namespace: namespace.map(str::to_owned) })
 }
 
 /// Writes states of every kind, with history, deletions, re-additions and

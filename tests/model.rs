@@ -85,7 +85,7 @@ fn stream_key() -> impl Strategy<Value = EntryKey> {
     let name = prop::sample::select(vec!["a", "b", "c"]);
     let namespace = prop::sample::select(vec![None, Some(""), Some("x")]);
     (name, namespace).prop_map(|(name, namespace)| {
-        EntryKey::Stream(StreamDescriptor { name: name.to_owned(), namespace: namespace.map(str::to_owned) })
+        EntryKey::stream(StreamDescriptor { name: name.to_owned(), namespace: namespace.map(str::to_owned) })
     })
 }
 
@@ -285,7 +285,7 @@ impl Request {
     /// The ops the decoder must return, blobs from the compact rendering.
     fn expected_ops(&self) -> Vec<EntryOp> {
         let compact = |value: &Option<Json>| value.as_ref().map(|v| Blob::from_json(&v.render("")));
-        let streams = self.streams.iter().map(|(d, v)| EntryOp { key: EntryKey::Stream(d.clone()), blob: compact(v) });
+        let streams = self.streams.iter().map(|(d, v)| EntryOp { key: EntryKey::stream(d.clone()), blob: compact(v) });
         match self.state_type {
             StateType::Legacy => vec![EntryOp { key: EntryKey::Legacy, blob: compact(&self.blob) }],
             StateType::Stream => streams.collect(),

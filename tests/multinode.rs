@@ -303,7 +303,7 @@ async fn a_node_writing_on_its_cached_head_sees_what_another_node_did() {
         operation: Operation::Merge(StateWrite {
             state_type: StateType::Stream,
             ops: vec![EntryOp {
-                key: EntryKey::Stream(StreamDescriptor { name: name.to_owned(), namespace: None }),
+                key: EntryKey::stream(StreamDescriptor { name: name.to_owned(), namespace: None }),
                 blob: Some(Blob::from_json(&value.to_string())),
             }],
         }),

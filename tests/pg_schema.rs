@@ -19,7 +19,7 @@ const SCHEMA_3: [&str; 3] = [
 ];
 
 fn key(name: &str) -> EntryKey {
-    EntryKey::Stream(StreamDescriptor { name: name.to_owned(), namespace: None })
+    EntryKey::stream(StreamDescriptor { name: name.to_owned(), namespace: None })
 }
 
 fn entries(state: &StoredState) -> Vec<(String, String)> {

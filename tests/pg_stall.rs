@@ -57,7 +57,7 @@ fn write(name: &str) -> WriteRequest {
     WriteRequest {
         operation: Operation::Merge(StateWrite {
             state_type: StateType::Stream,
-            ops: vec![EntryOp { key: EntryKey::Stream(stream), blob: Some(Blob::from_json("1")) }],
+            ops: vec![EntryOp { key: EntryKey::stream(stream), blob: Some(Blob::from_json("1")) }],
         }),
         guard: Guard::default(),
         meta: Meta::default(),

@@ -22,7 +22,7 @@ async fn backend() -> Backend {
 
 fn stream(name: &str, blob: Option<&str>) -> EntryOp {
     EntryOp {
-        key: EntryKey::Stream(StreamDescriptor { name: name.to_owned(), namespace: None }),
+        key: EntryKey::stream(StreamDescriptor { name: name.to_owned(), namespace: None }),
         blob: blob.map(Blob::from_json),
     }
 }

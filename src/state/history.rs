@@ -90,7 +90,7 @@ mod tests {
     use crate::state::StreamDescriptor;
 
     fn key(name: &str) -> EntryKey {
-        EntryKey::Stream(StreamDescriptor { name: name.to_owned(), namespace: None })
+        EntryKey::stream(StreamDescriptor { name: name.to_owned(), namespace: None })
     }
 
     fn state(entries: &[(&str, &str)]) -> StoredState {

@@ -206,18 +206,18 @@ pub fn plan(operation: &Operation, stored: Option<StateType>, context: &Context)
             if stored == Some(StateType::Legacy) {
                 return Err(TypeConflict { stored: "legacy", incoming: "stream" }.into());
             }
-            let op = EntryOp { key: EntryKey::Stream(stream.clone()), blob: Some(blob.clone()) };
+            let op = EntryOp { key: EntryKey::stream(stream.clone()), blob: Some(blob.clone()) };
             Ok(simple(vec![op], Some(stored.unwrap_or(StateType::Stream))))
         }
         Operation::StreamDelete { stream } => {
-            Ok(simple(vec![EntryOp { key: EntryKey::Stream(stream.clone()), blob: None }], stored))
+            Ok(simple(vec![EntryOp { key: EntryKey::stream(stream.clone()), blob: None }], stored))
         }
         Operation::Reset { streams, include_shared } => {
             let doomed: Vec<EntryKey> = match streams {
                 None => context.current_keys.clone(),
                 Some(streams) => {
                     let shared = include_shared.then_some(EntryKey::Shared);
-                    streams.iter().cloned().map(EntryKey::Stream).chain(shared).collect()
+                    streams.iter().cloned().map(EntryKey::stream).chain(shared).collect()
                 }
             };
             Ok(simple(doomed.into_iter().map(|key| EntryOp { key, blob: None }).collect(), stored))

@@ -411,7 +411,7 @@ mod tests {
         let cache = StateCache::new(1 << 20);
         let id = ConnectionId::random();
         let stream =
-            |name: &str| EntryKey::Stream(crate::state::StreamDescriptor { name: name.to_owned(), namespace: None });
+            |name: &str| EntryKey::stream(crate::state::StreamDescriptor { name: name.to_owned(), namespace: None });
         let keys: Vec<EntryKey> = (0..20).map(|i| stream(&format!("s{i}"))).collect();
         let entries = keys.iter().map(|key| (key.clone(), Blob::from_json("1"))).collect();
         let state = StoredState { state_type: Some(StateType::Stream), revision: 1, entries };

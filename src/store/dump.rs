@@ -247,7 +247,7 @@ mod tests {
 
     fn sample() -> ConnectionDump {
         let key = |name: &str| {
-            EntryKey::Stream(crate::state::StreamDescriptor { name: name.to_owned(), namespace: None }).encode()
+            EntryKey::stream(crate::state::StreamDescriptor { name: name.to_owned(), namespace: None }).encode()
         };
         let revision = |revision, actor: Option<&str>| RevisionDump {
             revision,

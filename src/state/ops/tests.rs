@@ -81,7 +81,7 @@ fn a_stream_set_keeps_a_global_type_and_starts_a_stream_state() {
 
 #[test]
 fn a_full_reset_deletes_every_current_key() {
-    let context = Context { current_keys: vec![EntryKey::Shared, EntryKey::Stream(stream("a"))], target: None };
+    let context = Context { current_keys: vec![EntryKey::Shared, EntryKey::stream(stream("a"))], target: None };
     let op = Operation::Reset { streams: None, include_shared: false };
     let planned = plan(&op, Some(StateType::Global), &context).unwrap();
     assert_eq!(planned.ops.iter().filter(|o| o.blob.is_none()).count(), 2);
@@ -92,24 +92,24 @@ fn a_stream_reset_keeps_the_shared_blob_unless_asked() {
     let op = |include_shared| Operation::Reset { streams: Some(vec![stream("a")]), include_shared };
     let keys = |p: Plan| p.ops.into_iter().map(|o| o.key).collect::<Vec<_>>();
     let kept = plan(&op(false), Some(StateType::Global), &Context::default()).unwrap();
-    assert_eq!(keys(kept), [EntryKey::Stream(stream("a"))]);
+    assert_eq!(keys(kept), [EntryKey::stream(stream("a"))]);
     let dropped = plan(&op(true), Some(StateType::Global), &Context::default()).unwrap();
-    assert_eq!(keys(dropped), [EntryKey::Stream(stream("a")), EntryKey::Shared]);
+    assert_eq!(keys(dropped), [EntryKey::stream(stream("a")), EntryKey::Shared]);
 }
 
 #[test]
 fn a_restore_sets_the_target_entries_at_their_old_places_and_deletes_the_rest() {
-    let target = vec![(EntryKey::Stream(stream("a")), 4, Blob::from_json("1"))];
+    let target = vec![(EntryKey::stream(stream("a")), 4, Blob::from_json("1"))];
     let context = Context {
-        current_keys: vec![EntryKey::Stream(stream("b")), EntryKey::Stream(stream("a"))],
+        current_keys: vec![EntryKey::stream(stream("b")), EntryKey::stream(stream("a"))],
         target: Some((Some(StateType::Stream), target)),
     };
     // Type rules do not block a restore: the stored type is legacy here.
     let planned = plan(&Operation::Restore { revision: 3 }, Some(StateType::Legacy), &context).unwrap();
     assert_eq!(planned.state_type, Some(StateType::Stream));
-    assert_eq!(planned.pinned_seqs.get(&EntryKey::Stream(stream("a")).encode()), Some(&4));
+    assert_eq!(planned.pinned_seqs.get(&EntryKey::stream(stream("a")).encode()), Some(&4));
     let deleted: Vec<_> = planned.ops.iter().filter(|o| o.blob.is_none()).map(|o| o.key.clone()).collect();
-    assert_eq!(deleted, [EntryKey::Stream(stream("b"))]);
+    assert_eq!(deleted, [EntryKey::stream(stream("b"))]);
 }
 
 #[test]

@@ -223,7 +223,7 @@ impl StreamItems {
             let Some(descriptor) = descriptor(item.get("streamDescriptor"), &descriptor_path, errors) else {
                 continue;
             };
-            let key = EntryKey::Stream(descriptor);
+            let key = EntryKey::stream(descriptor);
             if let Some(first) = self.seen.get(&key) {
                 let message = format!("names the same stream as {first}");
                 errors.push(&descriptor_path, item.get("streamDescriptor"), &message);

@@ -91,7 +91,7 @@ fn entry_ref(key: &EntryKey) -> EntryRef<'_> {
     match key {
         EntryKey::Legacy => EntryRef { kind: "legacy", stream_descriptor: None },
         EntryKey::Shared => EntryRef { kind: "shared", stream_descriptor: None },
-        EntryKey::Stream(d) => EntryRef { kind: "stream", stream_descriptor: Some(d.into()) },
+        EntryKey::Stream(d) => EntryRef { kind: "stream", stream_descriptor: Some(d.as_ref().into()) },
     }
 }
 

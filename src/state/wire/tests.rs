@@ -19,7 +19,7 @@ fn field_errors(result: Result<(ConnectionId, StateWrite), DecodeError>) -> Vec<
 }
 
 fn stream_key(name: &str, namespace: Option<&str>) -> EntryKey {
-    EntryKey::Stream(StreamDescriptor { name: name.to_owned(), namespace: namespace.map(str::to_owned) })
+    EntryKey::stream(StreamDescriptor { name: name.to_owned(), namespace: namespace.map(str::to_owned) })
 }
 
 #[test]
@@ -218,4 +218,23 @@ fn an_empty_state_renders_as_not_set() {
     let id = ConnectionId::parse(ID).unwrap();
     let text = String::from_utf8(render_state(id, &StoredState::default())).unwrap();
     assert_eq!(text, format!(r#"{{"stateType":"not_set","connectionId":"{ID}"}}"#));
+}
+
+#[test]
+fn names_are_rendered_as_serde_json_escapes_them() {
+    let names =
+        ["plain", "quo\"te", "back\\slash", "tab\tnew\nline", "nul\u{0}bell\u{7}", "ünïcode ✓", "del\u{7f}", ""];
+    let entries = names.iter().map(|name| (stream_key(name, Some(name)), Blob::from_json("1"))).collect();
+    let state = StoredState { state_type: Some(StateType::Stream), revision: 1, entries };
+    let id = ConnectionId::parse(ID).unwrap();
+    let rendered = String::from_utf8(render_state(id, &state)).unwrap();
+    let streams: Vec<String> = names
+        .iter()
+        .map(|name| {
+            let name = serde_json::to_string(name).unwrap();
+            format!(r#"{{"streamDescriptor":{{"name":{name},"namespace":{name}}},"streamState":1}}"#)
+        })
+        .collect();
+    let expected = format!(r#"{{"stateType":"stream","connectionId":"{ID}","streamState":[{}]}}"#, streams.join(","));
+    assert_eq!(rendered, expected);
 }

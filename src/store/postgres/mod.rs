@@ -231,7 +231,7 @@ impl Store for PostgresStore {
         self.snapshot(move |tx| {
             Box::pin(async move {
                 let revision = queries::header(tx, id).await?.map_or(0, |h| h.revision);
-                Ok((revision, queries::entry_blob(tx, id, &EntryKey::Stream(stream)).await?))
+                Ok((revision, queries::entry_blob(tx, id, &EntryKey::stream(stream)).await?))
             })
         })
         .await

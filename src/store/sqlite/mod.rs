@@ -317,7 +317,7 @@ impl Store for SqliteStore {
     async fn read_stream(&self, id: ConnectionId, stream: StreamDescriptor) -> Result<(u64, Option<Blob>), StoreError> {
         self.with_reader(move |conn| {
             let revision = queries::header(conn, id)?.map_or(0, |h| h.revision);
-            Ok((revision, queries::entry_blob(conn, id, &EntryKey::Stream(stream))?))
+            Ok((revision, queries::entry_blob(conn, id, &EntryKey::stream(stream))?))
         })
         .await
     }
