@@ -237,4 +237,10 @@ fn names_are_rendered_as_serde_json_escapes_them() {
         .collect();
     let expected = format!(r#"{{"stateType":"stream","connectionId":"{ID}","streamState":[{}]}}"#, streams.join(","));
     assert_eq!(rendered, expected);
+    // And in the spelling JSON readers expect, whatever serde_json does.
+    for spelled in
+        [r#""quo\"te""#, r#""back\\slash""#, r#""tab\tnew\nline""#, r#""nul\u0000bell\u0007""#, "\"ünïcode ✓\""]
+    {
+        assert!(rendered.contains(spelled), "{spelled} in {rendered}");
+    }
 }
