@@ -211,10 +211,9 @@ impl Committer {
     /// Takes the next batch, commits it and answers it; false once the
     /// queue is closed and empty.
     async fn commit_next(&self) -> bool {
-        let Some(jobs) = self.next_batch().await else {
+        let Some((jobs, _flying)) = self.next_batch().await else {
             return false;
         };
-        let _flying = Flying { in_flight: &self.in_flight, writes: jobs.len() };
         // A caller that went away no longer waits: its write is not made.
         let jobs: Vec<Job> = jobs.into_iter().filter(|job| !job.reply.is_closed()).collect();
         if jobs.is_empty() {
@@ -258,7 +257,7 @@ impl Committer {
         true
     }
 
-    async fn next_batch(&self) -> Option<Vec<Job>> {
+    async fn next_batch(&self) -> Option<(Vec<Job>, Flying<'_>)> {
         self.waiting.lock().await.next_batch(&self.in_flight).await
     }
 }
@@ -268,8 +267,9 @@ impl Waiting {
     /// waiting behind it up to the first for a connection the batch has;
     /// while other batches are in flight, also those that arrive until
     /// the batch holds as many writes as they do, or they end. The
-    /// batch's writes are counted in flight from then on.
-    async fn next_batch(&mut self, in_flight: &InFlight) -> Option<Vec<Job>> {
+    /// batch's writes are counted in flight until the guard returned with
+    /// it is dropped.
+    async fn next_batch<'f>(&mut self, in_flight: &'f InFlight) -> Option<(Vec<Job>, Flying<'f>)> {
         let first = match self.held.take() {
             Some(job) => job,
             None => self.jobs.recv().await?,
@@ -295,7 +295,8 @@ impl Waiting {
             }
         }
         in_flight.0.send_modify(|n| *n += batch.len());
-        Some(batch)
+        let flying = Flying { in_flight, writes: batch.len() };
+        Some((batch, flying))
     }
 
     /// Adds `job` to the batch, or holds it back for the next one when the
@@ -1120,7 +1121,7 @@ mod tests {
         for id in [a, b, a, c] {
             queue.send(job(id)).await.unwrap();
         }
-        let ids = |batch: Vec<Job>| batch.into_iter().map(|job| job.id).collect::<Vec<_>>();
+        let ids = |(batch, _): (Vec<Job>, Flying)| batch.into_iter().map(|job| job.id).collect::<Vec<_>>();
         assert_eq!(ids(waiting.next_batch(&in_flight).await.unwrap()), [a, b]);
         assert_eq!(ids(waiting.next_batch(&in_flight).await.unwrap()), [a, c]);
         drop(queue);
@@ -1135,20 +1136,23 @@ mod tests {
         let short = Duration::from_millis(20);
 
         queue.send(job(ConnectionId::random())).await.unwrap();
-        {
+        let (batch, flying) = {
             let mut next = std::pin::pin!(waiting.next_batch(&in_flight));
             assert!(tokio::time::timeout(short, &mut next).await.is_err(), "one write is fewer than two");
             queue.send(job(ConnectionId::random())).await.unwrap();
-            assert_eq!(next.await.unwrap().len(), 2);
-        }
+            next.await.unwrap()
+        };
+        assert_eq!(batch.len(), 2);
         assert_eq!(*in_flight.0.borrow(), 4, "the batch is counted in flight");
+        drop(flying);
+        assert_eq!(*in_flight.0.borrow(), 2, "and given back with its guard");
 
         queue.send(job(ConnectionId::random())).await.unwrap();
         let mut next = std::pin::pin!(waiting.next_batch(&in_flight));
         assert!(tokio::time::timeout(short, &mut next).await.is_err());
         // The others end: the batch goes with what it has.
         in_flight.0.send_modify(|n| *n = 0);
-        assert_eq!(next.await.unwrap().len(), 1);
+        assert_eq!(next.await.unwrap().0.len(), 1);
     }
 
     #[test]
