@@ -14,7 +14,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use highwater::state::wire::{decode_create_or_update, render_state, DecodeLimits};
+use highwater::state::wire::{
+    decode_create_or_update, render_state, render_state_from, render_state_laid_out, DecodeLimits,
+};
 use highwater::state::{
     changes, plan_write, Blob, ConnectionId, EntryKey, EntryOp, StateType, StateWrite, StoredState, StreamDescriptor,
 };
@@ -80,6 +82,19 @@ fn render(c: &mut Criterion) {
             b.iter(|| render_state(id, black_box(state)))
         });
     }
+    group.finish();
+
+    // The next state after a write of one stream, made from the body before.
+    let mut group = c.benchmark_group("render_state_from");
+    let before = stored_state(10_000);
+    let (body, layout) = render_state_laid_out(id, &before);
+    let layout = layout.expect("a layout");
+    let mut after = before.clone();
+    after.entries[5_000].1 = Blob::from_json(&stream_blob(5_000, 1));
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    group.bench_function(BenchmarkId::from_parameter(10_000), |b| {
+        b.iter(|| render_state_from(&before, &body, &layout, black_box(&after)).expect("same keys"))
+    });
     group.finish();
 }
 

@@ -7,14 +7,23 @@
 //! Every size is kept: a lookup costs a hash of the id, while rendering
 //! even a 10-stream state costs a few thousand instructions and several
 //! allocations (callgrind, bench/profile get10: 12% of a get).
+//!
+//! A large state's body is kept with its layout, so that the next state
+//! of the connection, which a write of a few streams makes, is rendered by
+//! copying the body and writing only the blobs that changed
+//! ([`render_state_from`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 
-use crate::state::wire::render_state;
+use crate::state::wire::{render_state, render_state_from, render_state_laid_out, Layout};
 use crate::state::{ConnectionId, StoredState};
+
+/// States of fewer entries are rendered whole: their layout would cost
+/// more to keep and to walk than rendering them does.
+const LAID_OUT_FROM: usize = 64;
 
 /// Rendered `ConnectionState` bodies, one per connection.
 pub struct RenderCache {
@@ -22,9 +31,24 @@ pub struct RenderCache {
     inner: Mutex<Inner>,
 }
 
+/// A state's body, and for a large state where its blobs lie in it.
+#[derive(Clone)]
+struct Rendered {
+    state: Arc<StoredState>,
+    body: Bytes,
+    layout: Option<Arc<Layout>>,
+}
+
+impl Rendered {
+    /// What it counts against the budget.
+    fn size(&self) -> usize {
+        self.body.len() + self.layout.as_ref().map_or(0, |layout| layout.size())
+    }
+}
+
 #[derive(Default)]
 struct Inner {
-    bodies: HashMap<ConnectionId, (Arc<StoredState>, Bytes)>,
+    bodies: HashMap<ConnectionId, Rendered>,
     /// Insertion order, oldest first, with the body's address so that an
     /// entry replaced since is skipped on eviction.
     order: VecDeque<(ConnectionId, usize)>,
@@ -39,43 +63,60 @@ impl RenderCache {
 
     /// The body of `state`, rendered now or earlier.
     pub fn render(&self, id: ConnectionId, state: &Arc<StoredState>) -> Bytes {
-        if let Ok(inner) = self.inner.lock() {
-            if let Some((_, body)) = inner.bodies.get(&id).filter(|(held, _)| Arc::ptr_eq(held, state)) {
-                return body.clone();
-            }
-        }
-        let body = Bytes::from(render_state(id, state));
-        if body.len() <= self.budget / 4 {
-            if let Ok(mut inner) = self.inner.lock() {
-                inner.keep(id, state.clone(), body.clone(), self.budget);
-            }
+        let previous = match self.inner.lock() {
+            Ok(inner) => match inner.bodies.get(&id) {
+                Some(held) if Arc::ptr_eq(&held.state, state) => return held.body.clone(),
+                Some(held) => held.layout.is_some().then(|| held.clone()),
+                None => None,
+            },
+            Err(_) => None,
+        };
+        let (body, layout) = match previous.as_ref().and_then(|held| {
+            let layout = held.layout.as_deref()?;
+            render_state_from(&held.state, &held.body, layout, state)
+        }) {
+            Some((body, layout)) => (body, Some(layout)),
+            None if state.entries.len() >= LAID_OUT_FROM => render_state_laid_out(id, state),
+            None => (render_state(id, state), None),
+        };
+        // The state this one was made from is let go outside the lock.
+        drop(previous);
+        let rendered = Rendered { state: state.clone(), body: Bytes::from(body), layout: layout.map(Arc::new) };
+        let body = rendered.body.clone();
+        if rendered.size() <= self.budget / 4 {
+            let replaced = self.inner.lock().ok().and_then(|mut inner| inner.keep(id, rendered, self.budget));
+            // Often the last hold on a large state: freed outside the lock.
+            drop(replaced);
         }
         body
     }
 }
 
 impl Inner {
-    fn keep(&mut self, id: ConnectionId, state: Arc<StoredState>, body: Bytes, budget: usize) {
-        self.bytes += body.len();
-        self.order.push_back((id, body.as_ptr() as usize));
-        if let Some((_, old)) = self.bodies.insert(id, (state, body)) {
-            self.bytes -= old.len();
+    /// Keeps `rendered` as its connection's body; returns the one it replaces.
+    fn keep(&mut self, id: ConnectionId, rendered: Rendered, budget: usize) -> Option<Rendered> {
+        self.bytes += rendered.size();
+        self.order.push_back((id, rendered.body.as_ptr() as usize));
+        let replaced = self.bodies.insert(id, rendered);
+        if let Some(old) = &replaced {
+            self.bytes -= old.size();
         }
         while self.bytes > budget {
             let Some((oldest, address)) = self.order.pop_front() else {
                 break;
             };
-            if self.bodies.get(&oldest).is_some_and(|(_, body)| body.as_ptr() as usize == address) {
-                if let Some((_, body)) = self.bodies.remove(&oldest) {
-                    self.bytes -= body.len();
+            if self.bodies.get(&oldest).is_some_and(|held| held.body.as_ptr() as usize == address) {
+                if let Some(held) = self.bodies.remove(&oldest) {
+                    self.bytes -= held.size();
                 }
             }
         }
         // Keep the order queue from growing without bound under rewrites.
         if self.order.len() > 4 * self.bodies.len() + 64 {
             let Self { bodies, order, .. } = self;
-            order.retain(|(id, address)| bodies.get(id).is_some_and(|(_, body)| body.as_ptr() as usize == *address));
+            order.retain(|(id, address)| bodies.get(id).is_some_and(|held| held.body.as_ptr() as usize == *address));
         }
+        replaced
     }
 }
 
@@ -118,8 +159,32 @@ mod tests {
         assert!(inner.bytes <= 10_000);
         assert!(!inner.bodies.contains_key(&ids[0]));
         assert!(inner.bodies.contains_key(&ids[19]));
-        assert_eq!(inner.bodies.values().map(|(_, b)| b.len()).sum::<usize>(), inner.bytes);
+        assert_eq!(inner.bodies.values().map(Rendered::size).sum::<usize>(), inner.bytes);
         drop(inner);
         assert_eq!(cache.render(ids[19], &states[19]).as_ptr(), first[19].as_ptr());
+    }
+
+    #[test]
+    fn a_large_state_written_again_is_made_from_its_last_body() {
+        use crate::state::StreamDescriptor;
+        let cache = RenderCache::new(8 << 20);
+        let id = ConnectionId::random();
+        let entries: Vec<(EntryKey, Blob)> = (0..LAID_OUT_FROM)
+            .map(|i| {
+                let stream = StreamDescriptor { name: format!("table_{i}"), namespace: None };
+                (EntryKey::stream(stream), Blob::from_json(&i.to_string()))
+            })
+            .collect();
+        let first = Arc::new(StoredState { state_type: Some(StateType::Stream), revision: 1, entries });
+        cache.render(id, &first);
+        assert!(cache.inner.lock().unwrap().bodies[&id].layout.is_some(), "a large state keeps its layout");
+        let mut next = (*first).clone();
+        next.revision = 2;
+        next.entries[3].1 = Blob::from_json(r#"{"cursor":"2024-06-02"}"#);
+        let next = Arc::new(next);
+        assert_eq!(cache.render(id, &next), render_state(id, &next));
+        let inner = cache.inner.lock().unwrap();
+        assert!(Arc::ptr_eq(&inner.bodies[&id].state, &next));
+        assert_eq!(inner.bytes, inner.bodies[&id].size());
     }
 }

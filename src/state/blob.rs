@@ -45,6 +45,11 @@ impl Blob {
     }
 
     /// Size of the text in bytes.
+    /// Whether the two are one shared text, not merely equal ones.
+    pub fn same(&self, other: &Blob) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     pub fn len(&self) -> usize {
         self.0.len()
     }

@@ -15,7 +15,7 @@ use std::fmt;
 
 use serde_json::value::RawValue;
 
-use super::{ConnectionId, EntryKey, EntryOp, StateType, StateWrite, StoredState, StreamDescriptor};
+use super::{Blob, ConnectionId, EntryKey, EntryOp, StateType, StateWrite, StoredState, StreamDescriptor};
 use json::{array, is_null, nesting_exceeds, object, parse, shown, string, Errors, Members, Object};
 
 /// Limits applied while decoding a request.
@@ -275,6 +275,67 @@ fn descriptor(raw: Option<&RawValue>, path: &str, errors: &mut Errors) -> Option
 /// Renders a state as Airbyte's `ConnectionState`, fields in the order of
 /// STATE-API.md §2, absent fields left out.
 pub fn render_state(id: ConnectionId, state: &StoredState) -> Vec<u8> {
+    render(id, state, &mut Placing::Off)
+}
+
+/// [`render_state`], and where the body holds each blob, for
+/// [`render_state_from`]; the layout is `None` when the body is too large
+/// for one (4 GiB).
+pub fn render_state_laid_out(id: ConnectionId, state: &StoredState) -> (Vec<u8>, Option<Layout>) {
+    let mut placing = Placing::On(Vec::with_capacity(state.entries.len()));
+    let body = render(id, state, &mut placing);
+    (body, placing.into_layout())
+}
+
+/// Where a rendered body holds the blob of each entry it shows, in the
+/// order of the body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layout(Vec<Placed>);
+
+/// One blob's place: its entry's index, and its first and past-the-end byte.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Placed {
+    entry: u32,
+    start: u32,
+    end: u32,
+}
+
+impl Layout {
+    /// The bytes the layout itself takes.
+    pub fn size(&self) -> usize {
+        self.0.len() * std::mem::size_of::<Placed>()
+    }
+}
+
+/// Whether [`render`] records where it puts each blob.
+enum Placing {
+    Off,
+    On(Vec<Placed>),
+    /// The body outgrew `u32` offsets.
+    TooLarge,
+}
+
+impl Placing {
+    fn blob(&mut self, out: &mut Vec<u8>, entry: usize, blob: &Blob) {
+        let start = out.len();
+        out.extend_from_slice(blob.as_str().as_bytes());
+        if let Self::On(placed) = self {
+            match (u32::try_from(entry), u32::try_from(start), u32::try_from(out.len())) {
+                (Ok(entry), Ok(start), Ok(end)) => placed.push(Placed { entry, start, end }),
+                _ => *self = Self::TooLarge,
+            }
+        }
+    }
+
+    fn into_layout(self) -> Option<Layout> {
+        match self {
+            Self::On(placed) => Some(Layout(placed)),
+            Self::Off | Self::TooLarge => None,
+        }
+    }
+}
+
+fn render(id: ConnectionId, state: &StoredState, placing: &mut Placing) -> Vec<u8> {
     let blob_bytes: usize = state.entries.iter().map(|(_, b)| b.len() + 64).sum();
     let mut out = Vec::with_capacity(96 + blob_bytes);
     out.extend_from_slice(b"{\"stateType\":\"");
@@ -282,27 +343,28 @@ pub fn render_state(id: ConnectionId, state: &StoredState) -> Vec<u8> {
     out.extend_from_slice(b"\",\"connectionId\":\"");
     out.extend_from_slice(id.to_string().as_bytes());
     out.push(b'"');
+    let find = |wanted: EntryKey| state.entries.iter().position(|(key, _)| *key == wanted);
     match state.state_type {
         None => {}
         Some(StateType::Legacy) => {
-            if let Some((_, blob)) = state.entries.iter().find(|(k, _)| *k == EntryKey::Legacy) {
+            if let Some(at) = find(EntryKey::Legacy) {
                 out.extend_from_slice(b",\"state\":");
-                out.extend_from_slice(blob.as_str().as_bytes());
+                placing.blob(&mut out, at, &state.entries[at].1);
             }
         }
         Some(StateType::Stream) => {
             out.extend_from_slice(b",\"streamState\":");
-            render_streams(&mut out, state);
+            render_streams(&mut out, state, placing);
         }
         Some(StateType::Global) => {
             out.extend_from_slice(b",\"globalState\":{");
-            if let Some((_, blob)) = state.entries.iter().find(|(k, _)| *k == EntryKey::Shared) {
+            if let Some(at) = find(EntryKey::Shared) {
                 out.extend_from_slice(b"\"shared_state\":");
-                out.extend_from_slice(blob.as_str().as_bytes());
+                placing.blob(&mut out, at, &state.entries[at].1);
                 out.push(b',');
             }
             out.extend_from_slice(b"\"streamStates\":");
-            render_streams(&mut out, state);
+            render_streams(&mut out, state, placing);
             out.push(b'}');
         }
     }
@@ -310,13 +372,13 @@ pub fn render_state(id: ConnectionId, state: &StoredState) -> Vec<u8> {
     out
 }
 
-fn render_streams(out: &mut Vec<u8>, state: &StoredState) {
+fn render_streams(out: &mut Vec<u8>, state: &StoredState, placing: &mut Placing) {
     out.push(b'[');
-    let streams = state.entries.iter().filter_map(|(key, blob)| match key {
-        EntryKey::Stream(d) => Some((d, blob)),
+    let streams = state.entries.iter().enumerate().filter_map(|(at, (key, blob))| match key {
+        EntryKey::Stream(d) => Some((at, d, blob)),
         _ => None,
     });
-    for (i, (descriptor, blob)) in streams.enumerate() {
+    for (i, (at, descriptor, blob)) in streams.enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -327,10 +389,71 @@ fn render_streams(out: &mut Vec<u8>, state: &StoredState) {
             write_json_string(out, namespace);
         }
         out.extend_from_slice(b"},\"streamState\":");
-        out.extend_from_slice(blob.as_str().as_bytes());
+        placing.blob(out, at, blob);
         out.push(b'}');
     }
     out.push(b']');
+}
+
+/// The body of `state`, made from `body`, the rendering of `before` for the
+/// same connection laid out as `layout`: the text around the blobs is
+/// copied, and so is every blob `state` shares with `before`; only the
+/// others are written anew. A write of one stream of a 10,000-stream state
+/// so costs two copies of the body's bytes instead of a pass over every
+/// stream, its name escaped and its blob fetched from wherever it lies.
+///
+/// `None` unless the two states render the same text around their blobs:
+/// the same type and the same keys in the same order.
+pub fn render_state_from(
+    before: &StoredState,
+    body: &[u8],
+    layout: &Layout,
+    state: &StoredState,
+) -> Option<(Vec<u8>, Layout)> {
+    if before.state_type != state.state_type
+        || before.entries.len() != state.entries.len()
+        || before.entries.iter().zip(&state.entries).any(|((old, _), (new, _))| old != new)
+    {
+        return None;
+    }
+    let changed = |placed: &Placed| {
+        let at = placed.entry as usize;
+        let (old, new) = (&before.entries.get(at)?.1, &state.entries.get(at)?.1);
+        Some((!old.same(new)).then_some(new))
+    };
+    let mut grown = 0;
+    for placed in &layout.0 {
+        if let Some(blob) = changed(placed)? {
+            grown += blob.len();
+        }
+    }
+    let mut out = Vec::with_capacity(body.len() + grown);
+    let mut placing = Placing::On(Vec::with_capacity(layout.0.len()));
+    // `body[copied..]` goes to the output unchanged up to the next new blob.
+    let mut copied = 0;
+    for placed in &layout.0 {
+        let (start, end) = (placed.start as usize, placed.end as usize);
+        match changed(placed)? {
+            Some(blob) => {
+                out.extend_from_slice(body.get(copied..start)?);
+                placing.blob(&mut out, placed.entry as usize, blob);
+                copied = end;
+            }
+            None => {
+                // Where it will be once the run it is in is copied.
+                let moved = out.len() + start.checked_sub(copied)?;
+                let end = moved + (end - start);
+                if let Placing::On(list) = &mut placing {
+                    match (u32::try_from(moved), u32::try_from(end)) {
+                        (Ok(start), Ok(end)) => list.push(Placed { entry: placed.entry, start, end }),
+                        _ => placing = Placing::TooLarge,
+                    }
+                }
+            }
+        }
+    }
+    out.extend_from_slice(body.get(copied..)?);
+    Some((out, placing.into_layout()?))
 }
 
 /// Renders a state type as the bare JSON string `get_type` answers.

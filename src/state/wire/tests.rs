@@ -244,3 +244,83 @@ fn names_are_rendered_as_serde_json_escapes_them() {
         assert!(rendered.contains(spelled), "{spelled} in {rendered}");
     }
 }
+
+/// A state of `keys` entries (the last is the global's shared blob when
+/// the type is global), blob `i` being `blobs[i]`.
+fn state_of(state_type: StateType, keys: &[EntryKey], blobs: &[Blob]) -> StoredState {
+    let entries = keys.iter().cloned().zip(blobs.iter().cloned()).collect();
+    StoredState { state_type: Some(state_type), revision: 1, entries }
+}
+
+fn keys_for(state_type: StateType, streams: usize) -> Vec<EntryKey> {
+    let mut keys: Vec<EntryKey> = (0..streams).map(|i| stream_key(&format!("s\"{i}"), Some("public"))).collect();
+    match state_type {
+        StateType::Legacy => vec![EntryKey::Legacy],
+        StateType::Global => {
+            // The shared blob need not come first among the entries.
+            keys.insert(streams / 2, EntryKey::Shared);
+            keys
+        }
+        StateType::Stream => keys,
+    }
+}
+
+proptest::proptest! {
+    /// However blobs change between two states with the same keys, the body
+    /// made from the first's is the second's rendering, with its layout,
+    /// and so is the next made from that one.
+    #[test]
+    fn a_body_made_from_the_one_before_is_rendered_as_anew(
+        kind in 0u8..3,
+        streams in 0usize..40,
+        changes in proptest::collection::vec(proptest::collection::vec((0usize..41, 0usize..200, proptest::bool::ANY), 0..8), 1..4),
+    ) {
+        let state_type = [StateType::Legacy, StateType::Global, StateType::Stream][kind as usize];
+        let id = ConnectionId::parse(ID).unwrap();
+        let keys = keys_for(state_type, streams);
+        let mut blobs: Vec<Blob> = (0..keys.len()).map(|i| Blob::from_json(&format!("{{\"v\":{i}}}"))).collect();
+        let mut before = state_of(state_type, &keys, &blobs);
+        let (mut body, layout) = render_state_laid_out(id, &before);
+        let mut layout = layout.unwrap();
+        proptest::prop_assert_eq!(&body, &render_state(id, &before));
+        for round in changes {
+            for (at, size, same_text) in round {
+                if keys.is_empty() {
+                    break;
+                }
+                let at = at % keys.len();
+                // A new blob object, with the same text or another length.
+                blobs[at] = if same_text {
+                    Blob::from_json(blobs[at].as_str())
+                } else {
+                    Blob::from_json(&format!("\"{}\"", "x".repeat(size)))
+                };
+            }
+            let after = state_of(state_type, &keys, &blobs);
+            let made = render_state_from(&before, &body, &layout, &after);
+            let (made_body, made_layout) = made.expect("same keys: made from the body before");
+            let (fresh_body, fresh_layout) = render_state_laid_out(id, &after);
+            proptest::prop_assert_eq!(&made_body, &fresh_body);
+            proptest::prop_assert_eq!(Some(&made_layout), fresh_layout.as_ref());
+            (before, body, layout) = (after, made_body, made_layout);
+        }
+    }
+}
+
+#[test]
+fn a_body_is_made_anew_when_the_keys_or_the_type_differ() {
+    let id = ConnectionId::parse(ID).unwrap();
+    let keys = keys_for(StateType::Stream, 3);
+    let blobs: Vec<Blob> = (0..3).map(|i| Blob::from_json(&i.to_string())).collect();
+    let before = state_of(StateType::Stream, &keys, &blobs);
+    let (body, layout) = render_state_laid_out(id, &before);
+    let layout = layout.unwrap();
+    let reordered = state_of(StateType::Stream, &[keys[1].clone(), keys[0].clone(), keys[2].clone()], &blobs);
+    assert!(render_state_from(&before, &body, &layout, &reordered).is_none());
+    assert!(render_state_from(&before, &body, &layout, &state_of(StateType::Stream, &keys[..2], &blobs)).is_none());
+    assert!(render_state_from(&before, &body, &layout, &state_of(StateType::Global, &keys, &blobs)).is_none());
+    // Equal keys that are not the same objects still match.
+    let copied = keys_for(StateType::Stream, 3);
+    let (made, _) = render_state_from(&before, &body, &layout, &state_of(StateType::Stream, &copied, &blobs)).unwrap();
+    assert_eq!(made, body);
+}
