@@ -73,7 +73,7 @@ impl Model {
     }
 
     fn check(&self, stored: &StoredState) -> Result<(), TestCaseError> {
-        prop_assert_eq!(&stored.entries, &self.entries);
+        prop_assert_eq!(stored.entries.iter().cloned().collect::<Vec<_>>(), self.entries.clone());
         prop_assert_eq!(stored.state_type, self.state_type);
         prop_assert_eq!(stored.revision, self.revision);
         Ok(())

@@ -130,7 +130,7 @@ mod tests {
         Arc::new(StoredState {
             state_type: Some(StateType::Legacy),
             revision: 1,
-            entries: vec![(EntryKey::Legacy, blob)],
+            entries: vec![(EntryKey::Legacy, blob)].into(),
         })
     }
 
@@ -175,12 +175,12 @@ mod tests {
                 (EntryKey::stream(stream), Blob::from_json(&i.to_string()))
             })
             .collect();
-        let first = Arc::new(StoredState { state_type: Some(StateType::Stream), revision: 1, entries });
+        let first = Arc::new(StoredState { state_type: Some(StateType::Stream), revision: 1, entries: entries.into() });
         cache.render(id, &first);
         assert!(cache.inner.lock().unwrap().bodies[&id].layout.is_some(), "a large state keeps its layout");
         let mut next = (*first).clone();
         next.revision = 2;
-        next.entries[3].1 = Blob::from_json(r#"{"cursor":"2024-06-02"}"#);
+        next.entries = next.entries.with(&[(3, &Blob::from_json(r#"{"cursor":"2024-06-02"}"#))], []);
         let next = Arc::new(next);
         assert_eq!(cache.render(id, &next), render_state(id, &next));
         let inner = cache.inner.lock().unwrap();

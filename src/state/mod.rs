@@ -6,6 +6,7 @@
 //! and a store applies the [`EntryOp`]s that [`plan_write`] returns.
 
 pub mod blob;
+pub mod entries;
 pub mod history;
 pub mod ops;
 pub mod wire;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 pub use blob::Blob;
+pub use entries::{Entries, Entry};
 
 /// A connection's identifier: any UUID names a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -175,7 +177,7 @@ pub struct StateWrite {
 pub struct StoredState {
     pub state_type: Option<StateType>,
     pub revision: u64,
-    pub entries: Vec<(EntryKey, Blob)>,
+    pub entries: Entries,
 }
 
 /// What one revision did to one entry: its new blob and position, or
@@ -219,6 +221,30 @@ pub fn advance(
         }
     }
     touched.sort_by_key(|(at, _)| *at); // stable: the last effect of a run wins
+                                        // The common write: blobs set in place and entries added after the
+                                        // last, which leaves every untouched chunk of entries shared.
+    let in_place =
+        touched.iter().all(|(at, effect)| matches!(effect, Some((seq, _)) if positions.get(*at) == Some(seq)));
+    let mut replaced: Vec<(usize, &Blob)> = Vec::with_capacity(touched.len());
+    for (at, effect) in touched.iter().filter(|_| in_place) {
+        if let Some((_, blob)) = effect {
+            match replaced.last_mut() {
+                Some(last) if last.0 == *at => last.1 = blob,
+                _ => replaced.push((*at, blob)),
+            }
+        }
+    }
+    let mut appended: Vec<(i64, &EntryKey, &Blob)> =
+        added.iter().filter_map(|(key, effect)| effect.map(|(seq, blob)| (seq, *key, blob))).collect();
+    appended.sort_unstable_by_key(|(seq, _, _)| *seq);
+    let last = positions.last().copied();
+    if in_place && appended.first().is_none_or(|(seq, _, _)| last.is_none_or(|last| *seq > last)) {
+        let mut after = Vec::with_capacity(positions.len() + appended.len());
+        after.extend_from_slice(positions);
+        after.extend(appended.iter().map(|(seq, _, _)| *seq));
+        let entries = entries.with(&replaced, appended.into_iter().map(|(_, key, blob)| (key.clone(), blob.clone())));
+        return (StoredState { state_type, revision, entries }, after);
+    }
     let mut touched = touched.into_iter().peekable();
     let mut rows: Vec<(i64, &EntryKey, &Blob)> = Vec::with_capacity(entries.len() + added.len());
     for (at, ((key, blob), seq)) in entries.iter().zip(positions).enumerate() {
@@ -230,7 +256,7 @@ pub fn advance(
             rows.push((seq, key, blob));
         }
     }
-    rows.extend(added.into_iter().filter_map(|(key, effect)| effect.map(|(seq, blob)| (seq, key, blob))));
+    rows.extend(appended);
     // Untouched entries keep their order; only moved and added ones can
     // break it.
     if !rows.is_sorted_by_key(|(seq, _, _)| *seq) {
@@ -244,13 +270,13 @@ pub fn advance(
 /// Finds entries of a state by key: a few lookups scan the entries, many
 /// go through a map of them built once.
 pub struct EntryFinder<'a> {
-    entries: &'a [(EntryKey, Blob)],
+    entries: &'a Entries,
     index: Option<HashMap<&'a EntryKey, usize>>,
 }
 
 impl<'a> EntryFinder<'a> {
     /// A finder for about `lookups` lookups in `entries`.
-    pub fn new(entries: &'a [(EntryKey, Blob)], lookups: usize) -> Self {
+    pub fn new(entries: &'a Entries, lookups: usize) -> Self {
         let index = (lookups > 8).then(|| entries.iter().enumerate().map(|(at, (key, _))| (key, at)).collect());
         Self { entries, index }
     }
@@ -455,7 +481,8 @@ mod tests {
                 (stream("a", None), blob("1")),
                 (stream("b", None), blob("2")),
                 (stream("c", None), blob("3")),
-            ],
+            ]
+            .into(),
         };
         let effects = vec![
             (stream("a", None), None),

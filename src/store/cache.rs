@@ -368,18 +368,7 @@ impl Inner {
 
 /// Roughly the memory a state takes.
 fn weight(state: &StoredState) -> usize {
-    state
-        .entries
-        .iter()
-        .map(|(key, blob)| {
-            let key = match key {
-                crate::state::EntryKey::Stream(d) => d.name.len() + d.namespace.as_ref().map_or(0, String::len),
-                _ => 0,
-            };
-            blob.len() + key + 96
-        })
-        .sum::<usize>()
-        + 64
+    state.entries.weight() + 64
 }
 
 #[cfg(test)]
@@ -389,8 +378,11 @@ mod tests {
 
     fn state(size: usize) -> Cached {
         let blob = Blob::from_json(&format!("\"{}\"", "x".repeat(size)));
-        let state =
-            StoredState { state_type: Some(StateType::Legacy), revision: 1, entries: vec![(EntryKey::Legacy, blob)] };
+        let state = StoredState {
+            state_type: Some(StateType::Legacy),
+            revision: 1,
+            entries: vec![(EntryKey::Legacy, blob)].into(),
+        };
         Cached { state: Arc::new(state), positions: Arc::new(vec![0]) }
     }
 

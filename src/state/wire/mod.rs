@@ -410,14 +410,14 @@ pub fn render_state_from(
     layout: &Layout,
     state: &StoredState,
 ) -> Option<(Vec<u8>, Layout)> {
-    if before.state_type != state.state_type
-        || before.entries.len() != state.entries.len()
-        || before.entries.iter().zip(&state.entries).any(|((old, _), (new, _))| old != new)
-    {
+    if before.state_type != state.state_type || !before.entries.same_keys(&state.entries) {
         return None;
     }
     let changed = |placed: &Placed| {
         let at = placed.entry as usize;
+        if state.entries.shares(&before.entries, at) {
+            return Some(None);
+        }
         let (old, new) = (&before.entries.get(at)?.1, &state.entries.get(at)?.1);
         Some((!old.same(new)).then_some(new))
     };

@@ -205,7 +205,8 @@ fn states_render_in_the_documented_field_order() {
             (stream_key("b", Some("ns")), Blob::from_json("{\"c\":1}")),
             (EntryKey::Shared, Blob::from_json("null")),
             (stream_key("a\"", None), Blob::from_json("2")),
-        ],
+        ]
+        .into(),
     };
     let expected = format!(
         r#"{{"stateType":"global","connectionId":"{ID}","globalState":{{"shared_state":null,"streamStates":[{{"streamDescriptor":{{"name":"b","namespace":"ns"}},"streamState":{{"c":1}}}},{{"streamDescriptor":{{"name":"a\""}},"streamState":2}}]}}}}"#

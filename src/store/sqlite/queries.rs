@@ -8,7 +8,7 @@ use rusqlite::{params, Connection, OptionalExtension, MAIN_DB};
 
 use super::classify;
 use crate::state::ops::{check_guard, plan, Context, Lease, Needs, PastState, Refusal, WriteRequest};
-use crate::state::{advance, changes, Blob, Change, ConnectionId, EntryKey, EntryOp, StateType, StoredState};
+use crate::state::{advance, changes, Blob, Change, ConnectionId, Entries, EntryKey, EntryOp, StateType, StoredState};
 use crate::store::cache::{Cached, GroupStates, Header, StateCache, StoredEntries, Update, Version};
 use crate::store::{Applied, StoreError};
 
@@ -51,8 +51,7 @@ fn read_rows(conn: &Connection, id: ConnectionId, header: Header) -> Result<Cach
     }
     // Sorted here, not by SQLite: its sorter would copy every blob.
     read.sort_unstable_by_key(|(seq, _, _)| *seq);
-    let (positions, entries): (Vec<i64>, Vec<(EntryKey, Blob)>) =
-        read.into_iter().map(|(seq, key, blob)| (seq, (key, blob))).unzip();
+    let (positions, entries): (Vec<i64>, Entries) = read.into_iter().map(|(seq, key, blob)| (seq, (key, blob))).unzip();
     let state = StoredState { state_type: header.state_type, revision: header.revision, entries };
     Ok(Cached { state: Arc::new(state), positions: Arc::new(positions) })
 }
