@@ -399,8 +399,9 @@ fn render_streams(out: &mut Vec<u8>, state: &StoredState, placing: &mut Placing)
 /// same connection laid out as `layout`: the text around the blobs is
 /// copied, and so is every blob `state` shares with `before`; only the
 /// others are written anew. A write of one stream of a 10,000-stream state
-/// so costs two copies of the body's bytes instead of a pass over every
-/// stream, its name escaped and its blob fetched from wherever it lies.
+/// so costs one copy of the body, in two runs around the new blob, instead
+/// of a pass over every stream, its name escaped and its blob fetched from
+/// wherever it lies.
 ///
 /// `None` unless the two states render the same text around their blobs:
 /// the same type and the same keys in the same order.
