@@ -198,3 +198,61 @@ async fn concurrent_writes_all_land_and_readers_never_see_half_a_write() {
     let state: serde_json::Value = serde_json::from_str(&app.read(&id).await).unwrap();
     assert_eq!(state["streamState"].as_array().unwrap().len(), 8 * 20 * 2);
 }
+
+/// A state large enough that its entries span several shared chunks and
+/// its rendering is made from the one before (64 entries and more):
+/// every write's answer and every read is the state a plain model of §4
+/// gives, through updates, additions, deletes, re-additions, writes that
+/// change nothing, and a restart that empties every cache.
+#[tokio::test]
+async fn a_large_state_answers_every_write_with_the_whole_state_as_it_is() {
+    let mut app = TestApp::spawn().await;
+    let id = new_id();
+    let mut rng = crate::harness::Rng::new(0x5eed_1a7e);
+    // The model: (name, blob) in first-insertion order.
+    let mut model: Vec<(String, String)> = (0..150).map(|i| (format!("t{i:03}"), i.to_string())).collect();
+    let initial: Vec<String> = model.iter().map(|(name, blob)| item(name, Some(blob))).collect();
+    app.write(&id, &stream_write(&initial)).await;
+    let expected = |model: &[(String, String)]| {
+        let items: Vec<String> = model.iter().map(|(name, blob)| item(name, Some(blob))).collect();
+        format!(r#"{{"stateType":"stream","connectionId":"{id}","streamState":[{}]}}"#, items.join(","))
+    };
+    for step in 0..80 {
+        if step == 40 {
+            app.restart().await;
+        }
+        let mut items = Vec::new();
+        for _ in 0..=rng.below(3) {
+            let name = format!("t{:03}", rng.below(170));
+            if items.iter().any(|item: &String| item.contains(&format!("\"{name}\""))) {
+                continue;
+            }
+            let at = model.iter().position(|(held, _)| *held == name);
+            match (rng.below(5), at) {
+                // A delete (of a stream held or not).
+                (0, _) => {
+                    if let Some(at) = at {
+                        model.remove(at);
+                    }
+                    items.push(item(&name, None));
+                }
+                // The blob the stream already has: nothing changes.
+                (1, Some(at)) => items.push(item(&name, Some(&model[at].1))),
+                // A new blob: in place, or last for a stream not held.
+                (_, at) => {
+                    let blob = rng.blob();
+                    match at {
+                        Some(at) => model[at].1 = blob.clone(),
+                        None => model.push((name.clone(), blob.clone())),
+                    }
+                    items.push(item(&name, Some(&blob)));
+                }
+            }
+        }
+        let (status, body) = app.write(&id, &stream_write(&items)).await;
+        assert_eq!(status, 200, "step {step}: {body}");
+        let expected = expected(&model);
+        assert_eq!(body, expected, "step {step}: the answer to {items:?}");
+        assert_eq!(app.read(&id).await, expected, "step {step}: a read after {items:?}");
+    }
+}
