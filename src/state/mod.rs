@@ -189,9 +189,12 @@ pub type Effect = (EntryKey, Option<(Blob, i64)>);
 /// of several revisions are given in order, the later one for a key wins.
 /// Returns the new state and its entries' positions.
 ///
-/// One pass over the state: a write of a few streams to a state of
-/// thousands finds its entries by position (one that keeps its place) or by
-/// a scan, and only many effects pay for an index of the whole state.
+/// A write of a few streams to a state of thousands finds its entries by
+/// position (one that keeps its place) or by a scan, and only many effects
+/// pay for an index of the whole state. When it only sets blobs in place
+/// and adds entries after the last, the new state shares every chunk of
+/// entries it leaves alone with the old one ([`Entries::with`]); any other
+/// write lays the state out anew in one pass.
 pub fn advance(
     before: &StoredState,
     positions: &[i64],
@@ -221,8 +224,9 @@ pub fn advance(
         }
     }
     touched.sort_by_key(|(at, _)| *at); // stable: the last effect of a run wins
-                                        // The common write: blobs set in place and entries added after the
-                                        // last, which leaves every untouched chunk of entries shared.
+
+    // The common write: blobs set in place and entries added after the
+    // last, which leaves every untouched chunk of entries shared.
     let in_place =
         touched.iter().all(|(at, effect)| matches!(effect, Some((seq, _)) if positions.get(*at) == Some(seq)));
     let mut replaced: Vec<(usize, &Blob)> = Vec::with_capacity(touched.len());
