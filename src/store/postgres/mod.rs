@@ -12,6 +12,7 @@
 
 mod batch;
 mod dump;
+mod heads;
 mod history;
 mod keyed_lock;
 mod queries;
@@ -37,6 +38,7 @@ use crate::state::history::{History, Retention};
 use crate::state::ops::{Lease, LeaseOp, WriteRequest};
 use crate::state::{Blob, ConnectionId, EntryKey, StoredState, StreamDescriptor};
 use batch::Batcher;
+use heads::Heads;
 use keyed_lock::KeyedLock;
 
 /// Write batches one node commits at once (see `batch`). With more, each
@@ -47,6 +49,10 @@ use keyed_lock::KeyedLock;
 /// wait for half of the one in flight, 3 tasks made 0.91× of 2.
 /// (Batches now wait for as many writes as the one in flight.)
 const BATCHING_TASKS: usize = 2;
+
+/// Tasks answering the checks of reads (see `heads`): one query in flight
+/// while the next batch gathers.
+const READING_TASKS: usize = 2;
 
 /// Connection settings of the PostgreSQL backend.
 #[derive(Debug, Clone)]
@@ -85,6 +91,7 @@ pub struct PostgresStore {
     operation_timeout: Duration,
     cache: Arc<StateCache>,
     batcher: Batcher,
+    heads: Heads,
 }
 
 impl PostgresStore {
@@ -109,7 +116,15 @@ impl PostgresStore {
         drop(client);
         let cache = Arc::new(StateCache::new(options.state_cache_bytes));
         let batcher = Batcher::start(pool.clone(), cache.clone(), options.operation_timeout, BATCHING_TASKS);
-        Ok(Self { pool, writers: KeyedLock::default(), operation_timeout: options.operation_timeout, cache, batcher })
+        let heads = Heads::start(pool.clone(), options.operation_timeout, READING_TASKS);
+        Ok(Self {
+            pool,
+            writers: KeyedLock::default(),
+            operation_timeout: options.operation_timeout,
+            cache,
+            batcher,
+            heads,
+        })
     }
 
     /// Runs `work` on a pooled client within the operation timeout. A
@@ -210,10 +225,18 @@ impl PostgresStore {
 impl Store for PostgresStore {
     async fn read_at(&self, id: ConnectionId, at: Option<u64>) -> Result<Arc<StoredState>, StoreError> {
         let Some(revision) = at else {
+            // A state the cache holds is answered from it once the
+            // database shows it current; the check is batched (heads.rs).
+            if self.cache.holds(id) {
+                let header = self.heads.header(id).await?.unwrap_or_default();
+                if let Some(cached) = self.cache.get(id, header.version()) {
+                    return Ok(cached.state);
+                }
+            }
             let cache = self.cache.clone();
             return self
                 .with_client(move |client| {
-                    Box::pin(async move { Ok(queries::read_state(&*client, id, &cache).await?.state) })
+                    Box::pin(async move { Ok(queries::read_whole_state(&*client, id, &cache).await?.state) })
                 })
                 .await;
         };

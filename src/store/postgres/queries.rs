@@ -14,7 +14,7 @@ use crate::store::cache::{Cached, Header, StateCache};
 use crate::store::StoreError;
 
 /// One statement, one snapshot: the header and every entry (in no order).
-const READ_STATE: &str = "SELECT c.state_type, c.revision, c.epoch, e.entry_key, ch.blob, e.seq \
+const READ_STATE: &str = "SELECT c.state_type, c.revision, c.epoch, c.next_seq, e.entry_key, ch.blob, e.seq \
      FROM connections c \
      LEFT JOIN entries e ON e.connection_id = c.connection_id \
      LEFT JOIN changes ch ON ch.connection_id = e.connection_id \
@@ -48,18 +48,31 @@ pub async fn read_state(
             return Ok(cached);
         }
     }
+    read_whole_state(client, id, cache).await
+}
+
+/// Reads the whole current state of a connection in one statement, and
+/// caches it.
+pub async fn read_whole_state(
+    client: &impl GenericClient,
+    id: ConnectionId,
+    cache: &StateCache,
+) -> Result<Cached, StoreError> {
     let statement = client.prepare_cached(READ_STATE).await.map_err(classify)?;
     let rows = client.query(&statement, &[&id.to_string()]).await.map_err(classify)?;
     let Some(first) = rows.first() else {
         return Ok(Cached { state: Arc::default(), positions: Arc::default() });
     };
+    // The whole version, next position included: a header check compares
+    // all of it, and with a position of 0 a state read here never matched
+    // one, so every later read of it read it whole again.
     let header = Header {
         state_type: parse_type(first.get(0), id)?,
         revision: first.get::<_, i64>(1) as u64,
-        next_seq: 0,
+        next_seq: first.get(3),
         epoch: first.get(2),
     };
-    let cached = in_order(entries_from(rows, 3, id)?, header.state_type, header.revision);
+    let cached = in_order(entries_from(rows, 4, id)?, header.state_type, header.revision);
     cache.put(id, header.version(), cached.clone());
     Ok(cached)
 }
@@ -114,7 +127,7 @@ pub async fn header(client: &impl GenericClient, id: ConnectionId) -> Result<Opt
 
 /// Reads `state_type, revision, next_seq, epoch` from a row's first
 /// columns; `None` when the connection has no row (a NULL revision).
-fn header_from(row: &tokio_postgres::Row, id: ConnectionId) -> Result<Option<Header>, StoreError> {
+pub(super) fn header_from(row: &tokio_postgres::Row, id: ConnectionId) -> Result<Option<Header>, StoreError> {
     let Some(revision) = row.get::<_, Option<i64>>(1) else {
         return Ok(None);
     };
