@@ -51,7 +51,10 @@ use keyed_lock::KeyedLock;
 const BATCHING_TASKS: usize = 2;
 
 /// Tasks answering the checks of reads (see `heads`): one query in flight
-/// while the next batch gathers.
+/// while the next batch gathers. bench/'s PostgreSQL get (32 clients, two
+/// alternated 8 s rounds): 1, 2 and 4 tasks made 34.3k/36.9k, 32.7k/34.1k
+/// and 26.9k/29.2k req/s, p99 2.4/1.9, 1.9/1.8 and 2.6/2.2 ms; 2 keeps
+/// the tail under the 2 ms target.
 const READING_TASKS: usize = 2;
 
 /// Connection settings of the PostgreSQL backend.
