@@ -27,7 +27,6 @@ pub type Entry = (EntryKey, Blob);
 pub struct Entries {
     /// Every chunk but the last holds exactly [`CHUNK`] entries.
     chunks: Vec<Arc<Chunk>>,
-    len: usize,
 }
 
 #[derive(Clone, Default)]
@@ -55,11 +54,11 @@ fn weight((key, blob): &Entry) -> usize {
 
 impl Entries {
     pub fn len(&self) -> usize {
-        self.len
+        self.chunks.last().map_or(0, |last| (self.chunks.len() - 1) * CHUNK + last.entries.len())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.chunks.is_empty()
     }
 
     pub fn get(&self, at: usize) -> Option<&Entry> {
@@ -78,7 +77,7 @@ impl Entries {
     /// Whether both hold the same keys in the same order; the chunks they
     /// share are not looked into.
     pub fn same_keys(&self, other: &Entries) -> bool {
-        self.len == other.len
+        self.len() == other.len()
             && self.chunks.iter().zip(&other.chunks).all(|(mine, theirs)| {
                 Arc::ptr_eq(mine, theirs)
                     || mine.entries.iter().zip(&theirs.entries).all(|((mine, _), (theirs, _))| mine == theirs)
@@ -111,7 +110,7 @@ impl Entries {
             }
             chunk.weigh();
         }
-        let mut entries = Entries { chunks, len: self.len };
+        let mut entries = Entries { chunks };
         entries.extend(appended);
         entries
     }
@@ -130,7 +129,6 @@ impl Entries {
                 self.chunks.push(Arc::new(Chunk { entries, weight: entry_weight }));
             }
         }
-        self.len += 1;
     }
 }
 
@@ -200,7 +198,7 @@ impl DoubleEndedIterator for Iter<'_> {
 
 impl PartialEq for Entries {
     fn eq(&self, other: &Self) -> bool {
-        self.len == other.len && self.iter().eq(other.iter())
+        self.len() == other.len() && self.iter().eq(other.iter())
     }
 }
 
