@@ -5,8 +5,9 @@
 //! and answers from the cache only when the row shows the version held.
 //! Asked one by one, that is a pooled client and a round trip per read, and
 //! reads ran at the database's round-trip rate (bench/run, PostgreSQL `get`
-//! of a 10-stream state: 13k req/s, 0.16x the HTTP floor). Here a few tasks
-//! each take every check waiting and answer them all with one query.
+//! of a 10-stream state: 13k req/s, 0.16x the HTTP floor). Here a task (or
+//! several, see `READING_TASKS`) takes every check waiting and answers them
+//! all with one query.
 //!
 //! A check is answered only by a query sent after it was made: a query
 //! already on its way when a check arrives does not answer it. So a read
