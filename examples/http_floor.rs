@@ -19,6 +19,7 @@ use axum::body::Bytes;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use serde::Deserialize;
 
@@ -74,7 +75,10 @@ async fn main() -> anyhow::Result<()> {
             || async { Response::builder().status(StatusCode::NOT_FOUND).body(axum::body::Body::empty()).unwrap() },
         );
 
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    // TCP_NODELAY, as Highwater sets it (src/startup.rs).
+    let listener = tokio::net::TcpListener::bind(listen).await?.tap_io(|stream| {
+        let _ = stream.set_nodelay(true);
+    });
     eprintln!("http_floor listening on {listen}");
     axum::serve(listener, app).await?;
     Ok(())
