@@ -22,7 +22,7 @@ use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::queries::header_from;
-use super::{bounded, classify, pool_error, Guarded};
+use super::{classify, with_client};
 use crate::state::ConnectionId;
 use crate::store::cache::Header;
 use crate::store::StoreError;
@@ -99,17 +99,12 @@ async fn answer(pool: &Pool, operation_timeout: Duration, batch: Vec<Check>) {
     let mut ids: Vec<String> = batch.iter().map(|check| check.id.to_string()).collect();
     ids.sort_unstable();
     ids.dedup();
-    let rows = bounded(operation_timeout, async {
-        let mut client = Guarded(Some(pool.get().await.map_err(pool_error)?), false);
-        let client_ref = client.object()?;
-        let rows = match client_ref.prepare_cached(HEADS).await {
-            Ok(statement) => client_ref.query(&statement, &[&ids]).await,
-            Err(error) => Err(error),
-        };
-        // Finished, even with an error: outside a transaction the session
-        // is as it was.
-        client.1 = true;
-        rows.map_err(classify)
+    // An error, too, leaves the session as it was: there is no transaction.
+    let rows = with_client(pool, operation_timeout, move |client| {
+        Box::pin(async move {
+            let statement = client.prepare_cached(HEADS).await.map_err(classify)?;
+            client.query(&statement, &[&ids]).await.map_err(classify)
+        })
     })
     .await;
     let rows = match rows {

@@ -140,14 +140,23 @@ impl PostgresStore {
     where
         F: for<'c> FnOnce(&'c mut Object) -> Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'c>>,
     {
-        bounded(self.operation_timeout, async {
-            let mut client = Guarded(Some(self.pool.get().await.map_err(pool_error)?), false);
-            let result = work(client.object()?).await;
-            client.1 = true;
-            result
-        })
-        .await
+        with_client(&self.pool, self.operation_timeout, work).await
     }
+}
+
+/// [`PostgresStore::with_client`], for the tasks that hold the pool and the
+/// timeout themselves.
+async fn with_client<T, F>(pool: &Pool, operation_timeout: Duration, work: F) -> Result<T, StoreError>
+where
+    F: for<'c> FnOnce(&'c mut Object) -> Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'c>>,
+{
+    bounded(operation_timeout, async {
+        let mut client = Guarded(Some(pool.get().await.map_err(pool_error)?), false);
+        let result = work(client.object()?).await;
+        client.1 = true;
+        result
+    })
+    .await
 }
 
 /// Runs `operation` within `timeout`; a silent server must not hang requests.
