@@ -50,15 +50,6 @@ use keyed_lock::KeyedLock;
 /// (Batches now wait for as many writes as the one in flight.)
 const BATCHING_TASKS: usize = 2;
 
-/// Tasks answering the checks of reads (see `heads`). With one, the next
-/// batch gathers while the query of the last is in flight. bench/'s
-/// PostgreSQL get (32 clients), four alternated 8 s rounds on one host:
-/// 1 task 37.1k/39.6k/41.0k/45.2k req/s (p99 3.2/1.9/1.8/1.5 ms), 2 tasks
-/// 33.4k/33.4k/35.4k/37.4k (p99 2.8/2.7/2.4/1.5 ms); one task sends ~35%
-/// fewer queries and PostgreSQL's CPU fell by ~40%. (Before the lookup
-/// used `= ANY`, with costlier queries, 2 tasks had the better tail.)
-const READING_TASKS: usize = 1;
-
 /// Connection settings of the PostgreSQL backend.
 #[derive(Debug, Clone)]
 pub struct PostgresOptions {
@@ -121,7 +112,7 @@ impl PostgresStore {
         drop(client);
         let cache = Arc::new(StateCache::new(options.state_cache_bytes));
         let batcher = Batcher::start(pool.clone(), cache.clone(), options.operation_timeout, BATCHING_TASKS);
-        let heads = Heads::start(pool.clone(), options.operation_timeout, READING_TASKS);
+        let heads = Heads::start(pool.clone(), options.operation_timeout);
         Ok(Self {
             pool,
             writers: KeyedLock::default(),
