@@ -10,6 +10,7 @@
 //! | `--database-timeout-ms` | `HIGHWATER_DATABASE_TIMEOUT_MS` | 3000 |
 //! | `--database-operation-timeout-ms` | `HIGHWATER_DATABASE_OPERATION_TIMEOUT_MS` | 30000 |
 //! | `--state-cache-mb` | `HIGHWATER_STATE_CACHE_MB` | 32 |
+//! | `--database-sole-node` | `HIGHWATER_DATABASE_SOLE_NODE` | `true` |
 //! | `--migrate` | `HIGHWATER_MIGRATE` | `true` |
 //! | `--max-body-bytes` | `HIGHWATER_MAX_BODY_BYTES` | 134217728 (128 MiB) |
 //! | `--max-json-depth` | `HIGHWATER_MAX_JSON_DEPTH` | 128 |
@@ -153,6 +154,14 @@ pub struct DatabaseArgs {
     #[arg(long, env = "HIGHWATER_STATE_CACHE_MB", default_value_t = 32,
           value_parser = clap::value_parser!(u64).range(0..=65_536))]
     pub state_cache_mb: u64,
+
+    /// PostgreSQL: when this node is the only one on the database, take a
+    /// lease there (others' writes wait for it; it is given up as soon as
+    /// another node starts) and answer reads from memory instead of asking
+    /// the database first. Set false if anything but Highwater writes its
+    /// tables.
+    #[arg(long, env = "HIGHWATER_DATABASE_SOLE_NODE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub database_sole_node: bool,
 }
 
 impl DatabaseArgs {
@@ -165,6 +174,7 @@ impl DatabaseArgs {
             operation_timeout: Duration::from_millis(self.database_operation_timeout_ms),
             state_cache_bytes: (self.state_cache_mb as usize).saturating_mul(1024 * 1024),
             exclusive: true,
+            sole_node: self.database_sole_node,
         }
     }
 }

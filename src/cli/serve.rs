@@ -33,7 +33,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let auth = if authenticator.is_some() { "on" } else { "off" };
     tracing::info!(%address, database = %url, authentication = auth, "highwater listening");
     let pruner = tokio::spawn(prune_history(store.clone(), args.retention(), args.history_prune_interval_secs));
-    let app = AppState::new(store, args.limits(), authenticator);
+    let app = AppState::new(store.clone(), args.limits(), authenticator);
 
     // On a signal, stop accepting and let requests in flight finish, but
     // not for longer than the shutdown timeout.
@@ -52,6 +52,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     pruner.abort();
     let _ = pruner.await;
+    store.close().await;
     tracing::info!("highwater stopped");
     Ok(())
 }

@@ -15,6 +15,10 @@
 //!   the current state and a read needs no database access at all. A state
 //!   read from the database is then kept only if no commit happened while it
 //!   was read ([`StateCache::commits`], [`StateCache::put_unless_committed_since`]).
+//!   A PostgreSQL node uses it so while it holds the sole-node lease
+//!   (`postgres::sole`): it empties the cache when it takes the lease
+//!   ([`StateCache::reset`]), and what a read or a write that began before
+//!   is not kept ([`StateCache::mark`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -172,6 +176,16 @@ struct Inner {
     bytes: usize,
     /// Commits reported through [`StateCache::committed`].
     commits: u64,
+    /// Times [`StateCache::reset`] emptied the cache.
+    resets: u64,
+}
+
+/// When a read or a write began, as the cache counts: see
+/// [`StateCache::mark`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    commits: u64,
+    resets: u64,
 }
 
 impl StateCache {
@@ -230,6 +244,51 @@ impl StateCache {
             if inner.commits == since {
                 inner.put(id, version, cached, self.budget);
             }
+        }
+    }
+
+    /// Where the cache stands, read before a read or a write begins and
+    /// passed to [`Self::put_unless_changed`] or [`Self::committed_since`].
+    pub fn mark(&self) -> Mark {
+        self.inner
+            .lock()
+            .map_or(Mark { commits: 0, resets: 0 }, |inner| Mark { commits: inner.commits, resets: inner.resets })
+    }
+
+    /// [`Self::put`], unless the cache was reset after `mark` was taken
+    /// (what was read may predate what the reset was for), or, when
+    /// `strict`, a commit was reported since (what was read may be older
+    /// than what the cache was told).
+    pub fn put_unless_changed(&self, id: ConnectionId, version: Version, cached: Cached, mark: Mark, strict: bool) {
+        if let Ok(mut inner) = self.inner.lock() {
+            if inner.resets == mark.resets && (!strict || inner.commits == mark.commits) {
+                inner.put(id, version, cached, self.budget);
+            }
+        }
+    }
+
+    /// [`Self::committed`] for writes that began at `mark`: after a reset
+    /// since, their connections are forgotten instead, because the state
+    /// they started from may not have been the current one.
+    pub fn committed_since(&self, mark: Mark, updates: impl IntoIterator<Item = (ConnectionId, Update)>) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        inner.commits += 1;
+        let reset = inner.resets != mark.resets;
+        for (id, update) in updates {
+            let update = if reset { Update::Forget } else { update };
+            inner.update(id, update, self.budget);
+        }
+    }
+
+    /// Forgets everything held, and counts as a commit: other writers may
+    /// have written any of it.
+    pub fn reset(&self) {
+        if let Ok(mut inner) = self.inner.lock() {
+            let resets = inner.resets + 1;
+            let commits = inner.commits + 1;
+            *inner = Inner { commits, resets, ..Inner::default() };
         }
     }
 
@@ -479,6 +538,27 @@ mod tests {
         assert!(cache.current(other).is_none());
         cache.put_unless_committed_since(other, V1, state(10), cache.commits());
         assert!(cache.current(other).is_some());
+    }
+
+    #[test]
+    fn what_began_before_a_reset_is_not_kept_after_it() {
+        let cache = StateCache::new(1 << 20);
+        let (read, written) = (ConnectionId::random(), ConnectionId::random());
+        cache.put(written, V1, state(10));
+        let before = cache.mark();
+        cache.reset();
+        assert!(cache.current(written).is_none(), "a reset keeps nothing");
+        cache.put_unless_changed(read, V1, state(10), before, false);
+        assert!(cache.current(read).is_none(), "a read begun before the reset was kept");
+        cache.committed_since(before, [(written, Update::Put(V1, state(10)))]);
+        assert!(cache.current(written).is_none(), "a write begun before the reset was kept");
+        let after = cache.mark();
+        cache.committed_since(after, [(written, Update::Put(V1, state(10)))]);
+        assert!(cache.current(written).is_some());
+        cache.put_unless_changed(read, V1, state(10), after, true);
+        assert!(cache.current(read).is_none(), "a strict read kept across a commit");
+        cache.put_unless_changed(read, V1, state(10), after, false);
+        assert!(cache.current(read).is_some());
     }
 
     #[test]

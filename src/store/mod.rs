@@ -102,6 +102,11 @@ pub trait Store: Send + Sync {
     /// Stores a whole record atomically. An existing connection is replaced
     /// only with `overwrite`; otherwise it is left alone.
     async fn load(&self, dump: ConnectionDump, overwrite: bool) -> Result<LoadOutcome, StoreError>;
+
+    /// Lets go of what the store holds in the database for this process
+    /// before it exits (PostgreSQL: the sole-node lease). Nothing to do by
+    /// default.
+    async fn close(&self) {}
 }
 
 /// What an applied write did.
@@ -227,6 +232,9 @@ pub struct OpenOptions {
     /// Take the SQLite file's lock, so that no other process writes it while
     /// this one runs (every command but `export`, which only reads).
     pub exclusive: bool,
+    /// PostgreSQL: take the sole-node lease when no other node runs, and
+    /// then answer reads from memory (`postgres::sole`).
+    pub sole_node: bool,
 }
 
 impl Default for OpenOptions {
@@ -238,6 +246,7 @@ impl Default for OpenOptions {
             operation_timeout: Duration::from_secs(30),
             state_cache_bytes: 32 * 1024 * 1024,
             exclusive: true,
+            sole_node: true,
         }
     }
 }
@@ -260,6 +269,7 @@ pub async fn open(url: &DatabaseUrl, options: &OpenOptions) -> anyhow::Result<Ar
                 migrate: options.migrate,
                 operation_timeout: options.operation_timeout,
                 state_cache_bytes: options.state_cache_bytes,
+                sole_node: options.sole_node,
             };
             Ok(Arc::new(postgres::PostgresStore::open(url, &options).await?))
         }

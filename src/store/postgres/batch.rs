@@ -50,8 +50,10 @@ const QUEUE_DEPTH: usize = 1024;
 // stale statistics the planner expects many matches and would scan the
 // table until it met the first.
 
-/// Every connection's advisory lock, in the order given (ascending).
-const LOCK_ALL: &str = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k";
+/// Every connection's advisory lock, in the order given (ascending), after
+/// any other node's sole-node lease has ended (migrations/postgres/0005).
+/// `$2` names this node, so that its own lease does not hold it back.
+const LOCK_ALL: &str = "SELECT highwater_lock($1::int8[], $2::text)";
 /// Per connection: its row, the database clock in Unix milliseconds, its
 /// lease row, and its id (column 8).
 const HEADERS: &str = "SELECT c.state_type, c.revision, c.next_seq, c.epoch, \
@@ -174,12 +176,14 @@ struct Committer {
     waiting: Mutex<Waiting>,
     in_flight: InFlight,
     shared: Shared,
+    /// This node's id in the sole-node lease (`sole`).
+    node: String,
 }
 
 impl Batcher {
     /// Starts `tasks` batching tasks; they stop when the batcher is dropped
     /// and the queue is empty.
-    pub fn start(pool: Pool, cache: Arc<StateCache>, operation_timeout: Duration, tasks: usize) -> Self {
+    pub fn start(pool: Pool, cache: Arc<StateCache>, operation_timeout: Duration, tasks: usize, node: String) -> Self {
         let (queue, jobs) = mpsc::channel(QUEUE_DEPTH);
         let committer = Arc::new(Committer {
             pool,
@@ -188,6 +192,7 @@ impl Batcher {
             waiting: Mutex::new(Waiting { jobs, held: None }),
             in_flight: InFlight(watch::Sender::new(0)),
             shared: Shared::default(),
+            node,
         });
         for _ in 0..tasks.max(1) {
             let committer = committer.clone();
@@ -221,9 +226,10 @@ impl Committer {
         }
         let writes: Vec<(ConnectionId, &WriteRequest)> = jobs.iter().map(|job| (job.id, &job.request)).collect();
         let started = std::time::Instant::now();
+        let mark = self.cache.mark();
         let outcome = bounded(self.operation_timeout, async {
             let mut client = Guarded(Some(self.pool.get().await.map_err(pool_error)?), false);
-            let outcome = apply_batch(client.object()?, &writes, &self.cache, &self.shared).await;
+            let outcome = apply_batch(client.object()?, &writes, &self.cache, &self.shared, &self.node).await;
             // Any failure may leave the session inside the transaction.
             client.1 = outcome.is_ok();
             outcome
@@ -233,22 +239,31 @@ impl Committer {
         tracing::debug!(writes = jobs.len(), elapsed_us = started.elapsed().as_micros() as u64, ?path, "write batch");
         match outcome.map(|(outcomes, _)| outcomes) {
             Ok(outcomes) => {
+                // Committed: the cache learns of it, in one step, before
+                // anyone is answered.
+                let mut answers = Vec::with_capacity(jobs.len());
+                let mut updates = Vec::with_capacity(jobs.len());
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
-                    let answer = outcome.map(|(applied, update)| {
-                        // Committed: the cache learns of it before anyone is answered.
-                        if let Some(update) = update {
-                            self.cache.update(job.id, update);
-                        }
-                        applied
-                    });
-                    let _ = job.reply.send(answer);
+                    answers.push((
+                        job.reply,
+                        outcome.map(|(applied, update)| {
+                            updates.extend(update.map(|update| (job.id, update)));
+                            applied
+                        }),
+                    ));
+                }
+                self.cache.committed_since(mark, updates);
+                for (reply, answer) in answers {
+                    let _ = reply.send(answer);
                 }
             }
             Err(error) => {
                 // Every write of the batch is answered with the error. Only a
                 // batch lost at its COMMIT may still have been committed: its
-                // writers see the same error as for a single lost commit.
+                // writers see the same error as for a single lost commit, and
+                // the cache forgets their connections.
                 tracing::warn!(%error, writes = jobs.len(), "a PostgreSQL write batch failed");
+                self.cache.committed_since(mark, jobs.iter().map(|job| (job.id, Update::Forget)));
                 for job in jobs {
                     let _ = job.reply.send(Err(error.clone()));
                 }
@@ -373,14 +388,15 @@ pub async fn apply_batch(
     writes: &[(ConnectionId, &WriteRequest)],
     cache: &StateCache,
     shared: &Shared,
+    node: &str,
 ) -> Result<(Vec<Outcome>, Path), StoreError> {
     let ids: Vec<String> = writes.iter().map(|(id, _)| id.to_string()).collect();
-    let (assumed, path) = match apply_assumed(client, writes, &ids, cache, shared).await? {
+    let (assumed, path) = match apply_assumed(client, writes, &ids, cache, shared, node).await? {
         Assumed::Applied(outcomes) => return Ok((outcomes, Path::Assumed)),
         Assumed::Stale(assumed) => (Some(assumed), Path::Stale),
         Assumed::Skipped => (None, Path::Locked),
     };
-    let (outcomes, read) = apply_locked(client, writes, &ids, cache).await?;
+    let (outcomes, read) = apply_locked(client, writes, &ids, cache, node).await?;
     if let Some(assumed) = assumed {
         shared.learn(writes.iter().zip(assumed.iter().zip(&read)).filter(|(_, (a, r))| a != r).map(|((id, _), _)| *id));
     }
@@ -455,6 +471,7 @@ async fn apply_assumed(
     ids: &[String],
     cache: &StateCache,
     shared: &Shared,
+    node: &str,
 ) -> Result<Assumed, StoreError> {
     let mut heads = Vec::with_capacity(writes.len());
     let mut known = Vec::with_capacity(writes.len());
@@ -476,7 +493,7 @@ async fn apply_assumed(
         heads.push(Head { before, lease });
         known.push(Known { covered: likely.iter().map(EntryKey::encode).collect(), stored });
     }
-    let expected = Expected::of(writes, ids, &heads);
+    let expected = Expected::of(writes, ids, &heads, node);
     let assumed: Vec<Version> = heads.iter().map(|head| head.before.version()).collect();
     let mut checked = Vec::with_capacity(writes.len());
     for (((_, request), head), known) in writes.iter().zip(heads).zip(&known) {
@@ -508,8 +525,9 @@ async fn apply_locked(
     writes: &[(ConnectionId, &WriteRequest)],
     ids: &[String],
     cache: &StateCache,
+    node: &str,
 ) -> Result<(Vec<Outcome>, Vec<Version>), StoreError> {
-    let Locked { heads, mut known, position } = read_locked(client, writes, ids, cache).await?;
+    let Locked { heads, mut known, position } = read_locked(client, writes, ids, cache, node).await?;
     let read = heads.iter().map(|head| head.before.version()).collect();
     let checked = check_and_plan(client, writes, ids, heads, &mut known, &position).await?;
     let (decided, states) = decide_all(writes, &checked, &known, cache);
@@ -603,6 +621,7 @@ async fn read_locked<'i>(
     writes: &[(ConnectionId, &WriteRequest)],
     ids: &'i [String],
     cache: &StateCache,
+    node: &str,
 ) -> Result<Locked<'i>, StoreError> {
     let position: HashMap<&str, usize> = ids.iter().enumerate().map(|(at, id)| (id.as_str(), at)).collect();
     let lock_keys = lock_keys(writes);
@@ -623,7 +642,7 @@ async fn read_locked<'i>(
     let lock = prepare(client, LOCK_ALL).await?;
     let headers = prepare(client, HEADERS).await?;
     let stored_statement = prepare(client, STORED).await?;
-    let lock_params: [&(dyn ToSql + Sync); 1] = [&lock_keys];
+    let lock_params: [&(dyn ToSql + Sync); 2] = [&lock_keys, &node];
     let id_params: [&(dyn ToSql + Sync); 1] = [&ids];
     let pair_params: [&(dyn ToSql + Sync); 2] = [&pair_ids, &pair_keys];
     let (_, _, header_rows, likely_rows) = tokio::try_join!(
@@ -992,6 +1011,7 @@ impl<'a> RevisionRows<'a> {
 /// first.
 struct Expected<'a> {
     lock_keys: Vec<i64>,
+    node: &'a str,
     ids: &'a [String],
     revisions: Vec<i64>,
     epochs: Vec<i64>,
@@ -1001,10 +1021,11 @@ struct Expected<'a> {
 }
 
 impl<'a> Expected<'a> {
-    fn of(writes: &[(ConnectionId, &'a WriteRequest)], ids: &'a [String], heads: &[Head]) -> Self {
+    fn of(writes: &[(ConnectionId, &'a WriteRequest)], ids: &'a [String], heads: &[Head], node: &'a str) -> Self {
         let guards = writes.iter().map(|(_, request)| &request.guard);
         Self {
             lock_keys: lock_keys(writes),
+            node,
             ids,
             revisions: heads.iter().map(|head| head.before.revision as i64).collect(),
             epochs: heads.iter().map(|head| head.before.epoch).collect(),
@@ -1047,7 +1068,7 @@ impl Rows<'_> {
             async {
                 match (expected, &prelude) {
                     (Some(x), Some((lock, expect))) => {
-                        let lock_params: [&(dyn ToSql + Sync); 1] = [&x.lock_keys];
+                        let lock_params: [&(dyn ToSql + Sync); 2] = [&x.lock_keys, &x.node];
                         let expect_params: [&(dyn ToSql + Sync); 6] =
                             [&x.ids, &x.revisions, &x.epochs, &x.next_seqs, &x.tokens, &x.respect];
                         let (_, _, _) = tokio::try_join!(

@@ -17,6 +17,7 @@ mod history;
 mod keyed_lock;
 mod queries;
 mod schema;
+mod sole;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -31,7 +32,7 @@ use uuid::Uuid;
 
 pub use schema::SchemaError;
 
-use super::cache::StateCache;
+use super::cache::{StateCache, Update};
 use super::dump::ConnectionDump;
 use super::{Applied, LoadOutcome, Store, StoreError};
 use crate::state::history::{History, Retention};
@@ -40,6 +41,7 @@ use crate::state::{Blob, ConnectionId, EntryKey, StoredState, StreamDescriptor};
 use batch::Batcher;
 use heads::Heads;
 use keyed_lock::KeyedLock;
+use sole::Sole;
 
 /// Write batches one node commits at once (see `batch`). With more, each
 /// batch is smaller and the database does more work per write; measured
@@ -65,6 +67,9 @@ pub struct PostgresOptions {
     pub operation_timeout: Duration,
     /// Memory for cached current states, in bytes.
     pub state_cache_bytes: usize,
+    /// Take the sole-node lease when no other node runs, and then answer
+    /// reads from the cache alone (`sole`).
+    pub sole_node: bool,
 }
 
 /// Why the PostgreSQL store cannot start.
@@ -88,6 +93,9 @@ pub struct PostgresStore {
     cache: Arc<StateCache>,
     batcher: Batcher,
     heads: Heads,
+    sole: Sole,
+    /// This node's name in the sole-node lease.
+    node: String,
 }
 
 impl PostgresStore {
@@ -98,7 +106,8 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("highwater");
         }
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager =
+            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(options.pool_size)
             .runtime(Runtime::Tokio1)
@@ -111,8 +120,13 @@ impl PostgresStore {
         schema::prepare(&mut client, options.migrate).await?;
         drop(client);
         let cache = Arc::new(StateCache::new(options.state_cache_bytes));
-        let batcher = Batcher::start(pool.clone(), cache.clone(), options.operation_timeout, BATCHING_TASKS);
+        // This node's name in the sole-node lease, which its writes give
+        // `highwater_lock` (sole.rs).
+        let node = Uuid::new_v4().to_string();
+        let batcher =
+            Batcher::start(pool.clone(), cache.clone(), options.operation_timeout, BATCHING_TASKS, node.clone());
         let heads = Heads::start(pool.clone(), options.operation_timeout);
+        let sole = Sole::start(config, node.clone(), cache.clone(), options.sole_node);
         Ok(Self {
             pool,
             writers: KeyedLock::default(),
@@ -120,6 +134,8 @@ impl PostgresStore {
             cache,
             batcher,
             heads,
+            sole,
+            node,
         })
     }
 
@@ -189,10 +205,15 @@ impl PostgresStore {
         F: for<'t> FnOnce(&'t Transaction<'t>) -> Work<'t, T> + Send + 'static,
     {
         let _queued = self.writers.lock(id).await;
+        let node = self.node.clone();
         self.with_client(move |client| {
             Box::pin(async move {
                 let tx = client.transaction().await.map_err(classify)?;
-                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(id)]).await.map_err(classify)?;
+                // The connection's lock, after any other node's sole-node
+                // lease has ended (sole.rs).
+                tx.execute("SELECT highwater_lock(ARRAY[$1::int8], $2)", &[&lock_key(id), &node])
+                    .await
+                    .map_err(classify)?;
                 let output = work(&tx).await?;
                 tx.commit().await.map_err(classify)?;
                 Ok(output)
@@ -230,9 +251,17 @@ impl PostgresStore {
 impl Store for PostgresStore {
     async fn read_at(&self, id: ConnectionId, at: Option<u64>) -> Result<Arc<StoredState>, StoreError> {
         let Some(revision) = at else {
-            // A state the cache holds is answered from it once the
-            // database shows it current; the check is batched (heads.rs).
-            if self.cache.holds(id) {
+            // This node alone writes: what the cache holds is current.
+            let sole = self.sole.holds();
+            if sole {
+                if let Some(cached) = self.cache.current(id) {
+                    return Ok(cached.state);
+                }
+            }
+            // Otherwise a state the cache holds is answered from it once
+            // the database shows it current; the check is batched
+            // (heads.rs).
+            else if self.cache.holds(id) {
                 let header = self.heads.header(id).await?.unwrap_or_default();
                 if let Some(cached) = self.cache.get(id, header.version()) {
                     return Ok(cached.state);
@@ -241,7 +270,7 @@ impl Store for PostgresStore {
             let cache = self.cache.clone();
             return self
                 .with_client(move |client| {
-                    Box::pin(async move { Ok(queries::read_whole_state(&*client, id, &cache).await?.state) })
+                    Box::pin(async move { Ok(queries::read_whole_state(&*client, id, &cache, sole).await?.state) })
                 })
                 .await;
         };
@@ -324,8 +353,14 @@ impl Store for PostgresStore {
         let id = record.id;
         let outcome =
             self.locked(id, move |tx| Box::pin(async move { dump::load(tx, &record, overwrite).await })).await;
-        self.cache.forget(id);
+        // Counted as a commit: a read that began before must not keep
+        // what it read.
+        self.cache.committed([(id, Update::Forget)]);
         outcome
+    }
+
+    async fn close(&self) {
+        self.sole.close().await;
     }
 }
 

@@ -48,16 +48,21 @@ pub async fn read_state(
             return Ok(cached);
         }
     }
-    read_whole_state(client, id, cache).await
+    // Inside a write's transaction, under the connection's locks: nothing
+    // else writes it before that transaction ends.
+    read_whole_state(client, id, cache, false).await
 }
 
 /// Reads the whole current state of a connection in one statement, and
-/// caches it.
+/// caches it unless the cache was reset meanwhile or, when `strict` (the
+/// cache is trusted as current, `sole`), a commit was reported meanwhile.
 pub async fn read_whole_state(
     client: &impl GenericClient,
     id: ConnectionId,
     cache: &StateCache,
+    strict: bool,
 ) -> Result<Cached, StoreError> {
+    let mark = cache.mark();
     let statement = client.prepare_cached(READ_STATE).await.map_err(classify)?;
     let rows = client.query(&statement, &[&id.to_string()]).await.map_err(classify)?;
     let Some(first) = rows.first() else {
@@ -73,7 +78,7 @@ pub async fn read_whole_state(
         epoch: first.get(2),
     };
     let cached = in_order(entries_from(rows, 4, id)?, header.state_type, header.revision);
-    cache.put(id, header.version(), cached.clone());
+    cache.put_unless_changed(id, header.version(), cached.clone(), mark, strict);
     Ok(cached)
 }
 

@@ -12,6 +12,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/postgres/0002_fewer_write_indexes.sql"),
     include_str!("../../../migrations/postgres/0003_expect.sql"),
     include_str!("../../../migrations/postgres/0004_revisions_on_changes.sql"),
+    include_str!("../../../migrations/postgres/0005_sole_node.sql"),
 ];
 
 /// Serialises migrations across nodes.

@@ -1,0 +1,158 @@
+//! The sole-node lease on PostgreSQL (src/store/postgres/sole.rs): a node
+//! alone on the database answers reads from memory, and yet every read,
+//! through any node, still sees every write acknowledged before it began:
+//! when a second node starts, when it stops again, and when the holder's
+//! lease session is cut. Runs on PostgreSQL whatever
+//! `HIGHWATER_TEST_BACKEND` says; `.ci/run` includes it.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use highwater::state::{Blob, ConnectionId, EntryKey, StateType, StateWrite, StreamDescriptor};
+use highwater::store::{self, OpenOptions, Store};
+use support::TestDatabase;
+
+/// Longer than a lease (2 s) and its renewals, with room for a slow host.
+const WITHIN: Duration = Duration::from_secs(10);
+
+fn set(stream: &str, value: u64) -> StateWrite {
+    StateWrite {
+        state_type: StateType::Stream,
+        ops: vec![highwater::state::EntryOp {
+            key: EntryKey::stream(StreamDescriptor { name: stream.to_owned(), namespace: None }),
+            blob: Some(Blob::from_json(&value.to_string())),
+        }],
+    }
+}
+
+async fn value(store: &dyn Store, id: ConnectionId, stream: &str) -> Option<String> {
+    let state = store.read(id).await.expect("read");
+    let key = EntryKey::stream(StreamDescriptor { name: stream.to_owned(), namespace: None });
+    state.entries.iter().find(|(k, _)| *k == key).map(|(_, blob)| blob.as_str().to_owned())
+}
+
+/// The node holding a live lease, if any.
+async fn holder(db: &tokio_postgres::Client) -> Option<String> {
+    db.query_one("SELECT node FROM highwater_sole WHERE lease_until > clock_timestamp()", &[])
+        .await
+        .ok()
+        .and_then(|row| row.get(0))
+}
+
+/// Waits until some node holds the lease, or none does.
+async fn until_held(db: &tokio_postgres::Client, held: bool) -> Option<String> {
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let now = holder(db).await;
+        if now.is_some() == held {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lease was not {} within {WITHIN:?}",
+            if held { "taken" } else { "given up" }
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn open(database: &TestDatabase, sole_node: bool) -> std::sync::Arc<dyn Store> {
+    let options = OpenOptions { sole_node, ..OpenOptions::default() };
+    store::open(&database.url, &options).await.expect("open the store")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL; .ci/run runs it with --include-ignored"]
+async fn a_node_alone_answers_from_memory_and_every_read_still_sees_the_other_nodes_writes() {
+    let database = TestDatabase::postgres_always().await;
+    let db = support::connect(&database.url_text()).await;
+    let (id, other) = (ConnectionId::random(), ConnectionId::random());
+
+    let a = open(&database, true).await;
+    a.write(id, set("s", 1)).await.unwrap();
+    until_held(&db, true).await;
+    // The holder empties its cache and trusts it just after the lease commits.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(value(&*a, id, "s").await.as_deref(), Some("1"));
+    // From memory: a change made behind Highwater's back (which the option's
+    // help warns about) is not seen while the lease is held.
+    db.execute("UPDATE connections SET revision = 99 WHERE connection_id = $1", &[&id.to_string()]).await.unwrap();
+    assert_eq!(a.read(id).await.unwrap().revision, 1, "a read of the lease holder asked the database");
+    db.execute("UPDATE connections SET revision = 1 WHERE connection_id = $1", &[&id.to_string()]).await.unwrap();
+
+    // A second node starts: A gives the lease up, and B's write, which
+    // waits until then, is seen by A's next read.
+    let b = open(&database, true).await;
+    let started = Instant::now();
+    b.write(id, set("s", 2)).await.unwrap();
+    assert!(started.elapsed() < WITHIN);
+    assert_eq!(holder(&db).await, None, "a lease is held with two nodes running");
+    assert_eq!(value(&*a, id, "s").await.as_deref(), Some("2"), "A answered from memory after B wrote");
+    a.write(other, set("t", 1)).await.unwrap();
+    assert_eq!(value(&*b, other, "t").await.as_deref(), Some("1"));
+
+    // B writes again and stops; A, alone again, takes the lease with an
+    // emptied cache: it sees what B wrote last.
+    b.write(id, set("s", 3)).await.unwrap();
+    b.write(other, set("t", 2)).await.unwrap();
+    drop(b);
+    until_held(&db, true).await;
+    assert_eq!(value(&*a, id, "s").await.as_deref(), Some("3"));
+    assert_eq!(value(&*a, other, "t").await.as_deref(), Some("2"));
+    // Its own writes keep its cache current.
+    a.write(id, set("s", 4)).await.unwrap();
+    assert_eq!(value(&*a, id, "s").await.as_deref(), Some("4"));
+    assert_eq!(a.read(id).await.unwrap().revision, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL; .ci/run runs it with --include-ignored"]
+async fn a_holder_cut_off_stops_answering_from_memory_before_another_node_can_write() {
+    let database = TestDatabase::postgres_always().await;
+    let db = support::connect(&database.url_text()).await;
+    let id = ConnectionId::random();
+    let a = open(&database, true).await;
+    a.write(id, set("s", 1)).await.unwrap();
+    until_held(&db, true).await;
+    assert_eq!(value(&*a, id, "s").await.as_deref(), Some("1"));
+
+    // A's lease session is cut: its lease stays live in the database until
+    // it runs out. A node that never takes the lease writes meanwhile: its
+    // write waits for the lease to end, and A's next read asks the database.
+    let cut = db
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks \
+             WHERE locktype = 'advisory' AND classid = 1213661184 AND objid = 2 AND mode = 'ExclusiveLock' AND granted \
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(cut.len(), 1, "no session held the members' key exclusively");
+    let b = open(&database, false).await;
+    b.write(id, set("s", 2)).await.unwrap();
+    assert_eq!(value(&*a, id, "s").await.as_deref(), Some("2"), "A answered from memory after B wrote");
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL; .ci/run runs it with --include-ignored"]
+async fn a_write_waits_while_another_node_holds_a_live_lease() {
+    let database = TestDatabase::postgres_always().await;
+    let db = support::connect(&database.url_text()).await;
+    let store = open(&database, false).await;
+    let id = ConnectionId::random();
+    store.write(id, set("s", 1)).await.unwrap();
+    db.execute(
+        "UPDATE highwater_sole SET node = 'elsewhere', lease_until = clock_timestamp() + interval '1 second'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    store.write(id, set("s", 2)).await.unwrap();
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(700), "the write went ahead of a live lease after {waited:?}");
+    assert!(waited < WITHIN);
+    assert_eq!(value(&*store, id, "s").await.as_deref(), Some("2"));
+}
