@@ -75,11 +75,28 @@ async fn a_node_alone_answers_from_memory_and_every_read_still_sees_the_other_no
     // The holder empties its cache and trusts it just after the lease commits.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(value(&*a, id, "s").await.as_deref(), Some("1"));
-    // From memory: a change made behind Highwater's back (which the option's
-    // help warns about) is not seen while the lease is held.
-    db.execute("UPDATE connections SET revision = 99 WHERE connection_id = $1", &[&id.to_string()]).await.unwrap();
+    // From memory: a change made with the tables' triggers off (as a
+    // restore with `session_replication_role = replica` would) is not seen
+    // while the lease is held.
+    let revision = |to: i64| format!("UPDATE connections SET revision = {to} WHERE connection_id = '{id}'");
+    let quiet = support::connect(&database.url_text()).await;
+    quiet.batch_execute(&format!("SET session_replication_role = replica; {}", revision(99))).await.unwrap();
     assert_eq!(a.read(id).await.unwrap().revision, 1, "a read of the lease holder asked the database");
-    db.execute("UPDATE connections SET revision = 1 WHERE connection_id = $1", &[&id.to_string()]).await.unwrap();
+    quiet.batch_execute(&revision(1)).await.unwrap();
+    drop(quiet);
+
+    // Any other write to the tables (psql, a node of an older version) makes
+    // the holder give the lease up first, and is then seen; its session
+    // counts as a node while it lasts.
+    let outsider = support::connect(&database.url_text()).await;
+    outsider.batch_execute(&revision(99)).await.unwrap();
+    assert_eq!(holder(&db).await, None, "a lease is held while another session writes");
+    assert_eq!(a.read(id).await.unwrap().revision, 99, "A answered from memory after another session wrote");
+    outsider.batch_execute(&revision(1)).await.unwrap();
+    drop(outsider);
+    until_held(&db, true).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(a.read(id).await.unwrap().revision, 1);
 
     // A second node starts: A gives the lease up, and B's write, which
     // waits until then, is seen by A's next read.

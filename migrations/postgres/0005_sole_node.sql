@@ -17,8 +17,13 @@
 -- is in flight. The holder stops trusting its cache before the lease ends
 -- by the database's clock, and renews it only while it has not lapsed.
 --
--- A write names its node to `highwater_lock`; anything else that writes
--- (psql, another tool) is no holder and should wait like any other writer.
+-- A write names its node to `highwater_lock`. Anything else that writes
+-- the state's tables (a node of an older version during a rolling upgrade,
+-- psql, another tool) goes through `highwater_fence`, a trigger on each of
+-- them: its session joins the nodes (the holder sees it wait and gives the
+-- lease up, and no node takes the lease while that session lasts), then
+-- waits like any other writer. A later migration that writes these tables
+-- must call `highwater_lock('{}', NULL)` first, or its session joins too.
 CREATE TABLE highwater_sole (
     only_row    boolean PRIMARY KEY DEFAULT true CHECK (only_row),
     node        text,                                    -- the holder's node id
@@ -42,5 +47,31 @@ BEGIN
     FOREACH key IN ARRAY keys LOOP
         PERFORM pg_advisory_xact_lock(key);
     END LOOP;
+    -- This transaction waited as a Highwater write: the triggers let it be.
+    PERFORM set_config('highwater.fenced', 'on', true);
 END
 $$;
+
+-- A write that did not call `highwater_lock`: its session joins the nodes
+-- (the members' key, held shared until the session ends), which waits
+-- until no lease holder remains, and the write then waits as
+-- `highwater_lock` does. The members' key comes first: a node taking the
+-- lease holds it while it waits for the writes' key.
+CREATE OR REPLACE FUNCTION highwater_fence() RETURNS trigger
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF current_setting('highwater.fenced', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    PERFORM pg_advisory_lock_shared(1213661184, 2);
+    PERFORM highwater_lock('{}', NULL);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER highwater_fence BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON connections
+    FOR EACH STATEMENT EXECUTE FUNCTION highwater_fence();
+CREATE TRIGGER highwater_fence BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON entries
+    FOR EACH STATEMENT EXECUTE FUNCTION highwater_fence();
+CREATE TRIGGER highwater_fence BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON history
+    FOR EACH STATEMENT EXECUTE FUNCTION highwater_fence();

@@ -2,7 +2,9 @@
 //!
 //! A node may hold a connection's state, but another node may have written
 //! it since: every read first asks the database for the connection's row,
-//! and answers from the cache only when the row shows the version held.
+//! and answers from the cache only when the row shows the version held
+//! (unless this node holds the sole-node lease, `sole`: then nothing else
+//! writes, and the cache alone answers).
 //! Asked one by one, that is a pooled client and a round trip per read, and
 //! reads ran at the database's round-trip rate (bench/run, PostgreSQL `get`
 //! of a 10-stream state: 13k req/s, 0.16x the HTTP floor). Here one task

@@ -314,9 +314,13 @@ impl Store for PostgresStore {
 
     async fn prune_connection(&self, id: ConnectionId, policy: Retention) -> Result<u64, StoreError> {
         // Skip a connection being written now rather than wait for it.
+        let node = self.node.clone();
         self.with_client(move |client| {
             Box::pin(async move {
                 let tx = client.transaction().await.map_err(classify)?;
+                // A Highwater write, to the triggers of schema 5 (sole.rs),
+                // that changes no current state: no connection lock needed.
+                tx.execute("SELECT highwater_lock('{}', $1)", &[&node]).await.map_err(classify)?;
                 let row =
                     tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&lock_key(id)]).await.map_err(classify)?;
                 if !row.get::<_, bool>(0) {

@@ -28,6 +28,10 @@
 //!   joining node waits for it, and the holder, seeing a waiter when it
 //!   renews, gives the lease up. Until then the joining node's reads ask
 //!   the database as always, and its writes wait in `highwater_lock`.
+//! - **So is any other writer.** A statement that writes the state's tables
+//!   outside `highwater_lock` (a node of an older version during an
+//!   upgrade, psql) fires a trigger that makes its session join the same
+//!   way, then waits.
 //!
 //! A node that stops without giving the lease up (killed, or its session
 //! cut) leaves it to run out: other nodes' writes wait up to [`LEASE`].
@@ -179,6 +183,9 @@ async fn session(
         // statement reports.
         let _ = connection.await;
     });
+    // A lease the database forgot in a crash could let another node write
+    // while this one still trusts it: its changes are always flushed.
+    client.batch_execute("SET synchronous_commit = on").await.map_err(classify)?;
     // Waits while a holder has the key exclusively; it sees the wait.
     tokio::select! {
         joined = client.execute("SELECT pg_advisory_lock_shared($1, $2)", &[&CLASS, &MEMBERS]) => {
