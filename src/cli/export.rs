@@ -19,8 +19,9 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     if let DatabaseUrl::Sqlite(path) = url {
         anyhow::ensure!(path.exists(), "there is no database at {} to export", path.display());
     }
-    // Reads only, so it runs beside a server on the same file.
-    let options = store::OpenOptions { exclusive: false, ..args.database.open_options(false) };
+    // Reads only, so it runs beside a server on the same file; and does not
+    // last long enough for the sole-node lease to be worth taking.
+    let options = store::OpenOptions { exclusive: false, sole_node: false, ..args.database.open_options(false) };
     let store = store::open(url, &options)
         .await
         .with_context(|| format!("cannot open {url} (--database-url / HIGHWATER_DATABASE_URL)"))?;

@@ -20,7 +20,9 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         Some(path) => Box::new(File::open(path).with_context(|| format!("cannot open {}", path.display()))?),
         None => Box::new(std::io::stdin().lock()),
     };
-    let store = store::open(url, &args.database.open_options(true))
+    // A batch job: the sole-node lease is for serving reads.
+    let options = store::OpenOptions { sole_node: false, ..args.database.open_options(true) };
+    let store = store::open(url, &options)
         .await
         .with_context(|| format!("cannot open {url} (--database-url / HIGHWATER_DATABASE_URL)"))?;
     let mut reader = BufReader::with_capacity(1 << 20, input);
