@@ -58,7 +58,7 @@ const WRITES: i32 = 1;
 const MEMBERS: i32 = 2;
 
 /// How long a lease lasts unless renewed.
-pub const LEASE: Duration = Duration::from_secs(2);
+const LEASE: Duration = Duration::from_secs(2);
 /// How often the holder renews it, and how often a node alone tries to
 /// take it.
 const RENEW_EVERY: Duration = Duration::from_millis(500);
