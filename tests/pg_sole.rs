@@ -173,3 +173,19 @@ async fn a_write_waits_while_another_node_holds_a_live_lease() {
     assert!(waited < WITHIN);
     assert_eq!(value(&*store, id, "s").await.as_deref(), Some("2"));
 }
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL; .ci/run runs it with --include-ignored"]
+async fn a_node_that_stops_cleanly_gives_the_lease_up_at_once() {
+    let database = TestDatabase::postgres_always().await;
+    let db = support::connect(&database.url_text()).await;
+    let a = open(&database, true).await;
+    until_held(&db, true).await;
+    a.close().await;
+    assert_eq!(holder(&db).await, None, "the lease outlived a clean stop");
+    // So the next node's writes do not wait for it to run out.
+    let b = open(&database, false).await;
+    let started = Instant::now();
+    b.write(ConnectionId::random(), set("s", 1)).await.unwrap();
+    assert!(started.elapsed() < Duration::from_millis(700), "a write waited {:?}", started.elapsed());
+}
