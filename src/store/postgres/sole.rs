@@ -194,7 +194,8 @@ async fn session(
         _ = &mut *stop => return Ok(()),
     }
     tracing::debug!("joined the nodes on this database");
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + RENEW_EVERY, RENEW_EVERY);
+    // The first tick is at once: a node alone takes the lease as it starts.
+    let mut ticks = tokio::time::interval(RENEW_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut holding = false;
     loop {
