@@ -157,9 +157,10 @@ pub struct DatabaseArgs {
 
     /// PostgreSQL: when this node is the only one on the database, take a
     /// lease there (others' writes wait for it; it is given up as soon as
-    /// another node starts) and answer reads from memory instead of asking
-    /// the database first. Set false if anything but Highwater writes its
-    /// tables.
+    /// another node starts or anything else writes the tables) and answer
+    /// reads from memory instead of asking the database first. Set false
+    /// on every node when they reach PostgreSQL through a pooler in
+    /// transaction mode.
     #[arg(long, env = "HIGHWATER_DATABASE_SOLE_NODE", default_value_t = true, action = clap::ArgAction::Set)]
     pub database_sole_node: bool,
 }
