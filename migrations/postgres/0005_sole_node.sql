@@ -36,17 +36,18 @@ INSERT INTO highwater_sole DEFAULT VALUES;
 -- writers cannot deadlock).
 CREATE OR REPLACE FUNCTION highwater_lock(keys bigint[], me text) RETURNS void
 LANGUAGE plpgsql VOLATILE AS $$
-DECLARE
-    key bigint;
 BEGIN
     PERFORM pg_advisory_xact_lock_shared(1213661184, 1);
     WHILE EXISTS (SELECT 1 FROM highwater_sole
                    WHERE lease_until > clock_timestamp() AND node IS DISTINCT FROM me) LOOP
         PERFORM pg_sleep(0.01);
     END LOOP;
-    FOREACH key IN ARRAY keys LOOP
-        PERFORM pg_advisory_xact_lock(key);
-    END LOOP;
+    -- One statement for all of them, not one per key: each statement run
+    -- from PL/pgSQL costs about as much as one more sent by the client
+    -- (pgbench of a batch's locks and empty writes, 8 keys, 4 clients:
+    -- medians 3933 tps as before this schema, 3667 with this function,
+    -- 3240 with a statement per key).
+    PERFORM pg_advisory_xact_lock(k) FROM unnest(keys) AS k;
     -- This transaction waited as a Highwater write: the triggers let it be.
     PERFORM set_config('highwater.fenced', 'on', true);
 END
@@ -69,9 +70,13 @@ BEGIN
 END
 $$;
 
+-- The WHEN clause spares Highwater's own statements a PL/pgSQL call each.
 CREATE TRIGGER highwater_fence BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON connections
-    FOR EACH STATEMENT EXECUTE FUNCTION highwater_fence();
+    FOR EACH STATEMENT WHEN (current_setting('highwater.fenced', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION highwater_fence();
 CREATE TRIGGER highwater_fence BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON entries
-    FOR EACH STATEMENT EXECUTE FUNCTION highwater_fence();
+    FOR EACH STATEMENT WHEN (current_setting('highwater.fenced', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION highwater_fence();
 CREATE TRIGGER highwater_fence BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON history
-    FOR EACH STATEMENT EXECUTE FUNCTION highwater_fence();
+    FOR EACH STATEMENT WHEN (current_setting('highwater.fenced', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION highwater_fence();
