@@ -14,11 +14,11 @@
 //!   in commit order through [`StateCache::committed`], so what it holds *is*
 //!   the current state and a read needs no database access at all. A state
 //!   read from the database is then kept only if no commit happened while it
-//!   was read ([`StateCache::commits`], [`StateCache::put_unless_committed_since`]).
+//!   was read ([`StateCache::mark`], [`StateCache::put_unless_changed`]).
 //!   A PostgreSQL node uses it so while it holds the sole-node lease
 //!   (`postgres::sole`): it empties the cache when it takes the lease
 //!   ([`StateCache::reset`]), and what a read or a write that began before
-//!   is not kept ([`StateCache::mark`]).
+//!   is not kept.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -218,8 +218,9 @@ impl StateCache {
         }
     }
 
-    /// How many commits have been reported: read before a read transaction
-    /// starts and passed to [`Self::put_unless_committed_since`].
+    /// How many commits have been reported (the sync thread's tests count
+    /// them).
+    #[cfg(test)]
     pub fn commits(&self) -> u64 {
         self.inner.lock().map_or(0, |inner| inner.commits)
     }
@@ -233,17 +234,6 @@ impl StateCache {
         inner.commits += 1;
         for (id, update) in updates {
             inner.update(id, update, self.budget);
-        }
-    }
-
-    /// [`Self::put`], unless a commit was reported after `since` was read
-    /// from [`Self::commits`]: the state read may then be older than one the
-    /// cache has been told about, or than the database's.
-    pub fn put_unless_committed_since(&self, id: ConnectionId, version: Version, cached: Cached, since: u64) {
-        if let Ok(mut inner) = self.inner.lock() {
-            if inner.commits == since {
-                inner.put(id, version, cached, self.budget);
-            }
         }
     }
 
@@ -529,14 +519,14 @@ mod tests {
     fn a_state_read_while_a_commit_was_reported_is_not_kept() {
         let cache = StateCache::new(1 << 20);
         let id = ConnectionId::random();
-        let since = cache.commits();
+        let since = cache.mark();
         cache.committed([(id, Update::Put(Version { revision: 2, epoch: 0, next_seq: 0 }, state(10)))]);
-        cache.put_unless_committed_since(id, V1, state(10), since);
+        cache.put_unless_changed(id, V1, state(10), since, true);
         assert_eq!(cache.current(id).unwrap().state.revision, 1, "the committed state stays");
         let other = ConnectionId::random();
-        cache.put_unless_committed_since(other, V1, state(10), since);
+        cache.put_unless_changed(other, V1, state(10), since, true);
         assert!(cache.current(other).is_none());
-        cache.put_unless_committed_since(other, V1, state(10), cache.commits());
+        cache.put_unless_changed(other, V1, state(10), cache.mark(), true);
         assert!(cache.current(other).is_some());
     }
 

@@ -289,7 +289,7 @@ impl Store for SqliteStore {
             }
         }
         // Read before the read transaction starts (see `StateCache`).
-        let since = self.cache.commits();
+        let mark = self.cache.mark();
         let cache = self.cache.clone();
         let (state, update) = self
             .with_reader(move |conn| match at {
@@ -305,11 +305,8 @@ impl Store for SqliteStore {
             })
             .await?;
         if let Some(Update::Put(version, cached)) = update {
-            if self.lock.is_some() {
-                self.cache.put_unless_committed_since(id, version, cached, since);
-            } else {
-                self.cache.put(id, version, cached);
-            }
+            // Strict when the cache is authoritative: this process locks the file.
+            self.cache.put_unless_changed(id, version, cached, mark, self.lock.is_some());
         }
         Ok(state)
     }
