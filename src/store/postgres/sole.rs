@@ -92,8 +92,8 @@ const RELEASE: &str =
 /// stops when this is dropped, or when [`Sole::close`] is awaited.
 pub struct Sole {
     shared: Arc<Held>,
-    stop: std::sync::Mutex<Option<oneshot::Sender<()>>>,
-    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// What stops the task, and the task; taken by [`Sole::close`].
+    task: std::sync::Mutex<Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>>,
 }
 
 /// Until when the cache may be trusted: nanoseconds after `start`, 0 for
@@ -146,16 +146,16 @@ impl Sole {
                 }
             }
         });
-        Self { shared, stop: std::sync::Mutex::new(Some(stop)), task: std::sync::Mutex::new(Some(task)) }
+        Self { shared, task: std::sync::Mutex::new(Some((stop, task))) }
     }
 
     /// Gives the lease up, so that the next node need not wait for it to
     /// run out, and stops the task (waiting at most a second for both).
     pub async fn close(&self) {
         self.shared.lapse();
-        drop(self.stop.lock().ok().and_then(|mut stop| stop.take()));
-        let task = self.task.lock().ok().and_then(|mut task| task.take());
-        if let Some(task) = task {
+        let taken = self.task.lock().ok().and_then(|mut task| task.take());
+        if let Some((stop, task)) = taken {
+            drop(stop);
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
         }
     }
