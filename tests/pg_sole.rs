@@ -57,6 +57,13 @@ async fn until_held(db: &tokio_postgres::Client, held: bool) -> Option<String> {
     }
 }
 
+/// A fresh database, and a session on it for looking at the lease.
+async fn database() -> (TestDatabase, tokio_postgres::Client) {
+    let database = TestDatabase::postgres_always().await;
+    let db = support::connect(&database.url_text()).await;
+    (database, db)
+}
+
 async fn open(database: &TestDatabase, sole_node: bool) -> std::sync::Arc<dyn Store> {
     let options = OpenOptions { sole_node, ..OpenOptions::default() };
     store::open(&database.url, &options).await.expect("open the store")
@@ -65,8 +72,7 @@ async fn open(database: &TestDatabase, sole_node: bool) -> std::sync::Arc<dyn St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs PostgreSQL; .ci/run runs it with --include-ignored"]
 async fn a_node_alone_answers_from_memory_and_every_read_still_sees_the_other_nodes_writes() {
-    let database = TestDatabase::postgres_always().await;
-    let db = support::connect(&database.url_text()).await;
+    let (database, db) = database().await;
     let (id, other) = (ConnectionId::random(), ConnectionId::random());
 
     let a = open(&database, true).await;
@@ -126,8 +132,7 @@ async fn a_node_alone_answers_from_memory_and_every_read_still_sees_the_other_no
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs PostgreSQL; .ci/run runs it with --include-ignored"]
 async fn a_holder_cut_off_stops_answering_from_memory_before_another_node_can_write() {
-    let database = TestDatabase::postgres_always().await;
-    let db = support::connect(&database.url_text()).await;
+    let (database, db) = database().await;
     let id = ConnectionId::random();
     let a = open(&database, true).await;
     a.write(id, set("s", 1)).await.unwrap();
@@ -155,8 +160,7 @@ async fn a_holder_cut_off_stops_answering_from_memory_before_another_node_can_wr
 #[tokio::test]
 #[ignore = "needs PostgreSQL; .ci/run runs it with --include-ignored"]
 async fn a_write_waits_while_another_node_holds_a_live_lease() {
-    let database = TestDatabase::postgres_always().await;
-    let db = support::connect(&database.url_text()).await;
+    let (database, db) = database().await;
     let store = open(&database, false).await;
     let id = ConnectionId::random();
     store.write(id, set("s", 1)).await.unwrap();
@@ -177,8 +181,7 @@ async fn a_write_waits_while_another_node_holds_a_live_lease() {
 #[tokio::test]
 #[ignore = "needs PostgreSQL; .ci/run runs it with --include-ignored"]
 async fn a_node_that_stops_cleanly_gives_the_lease_up_at_once() {
-    let database = TestDatabase::postgres_always().await;
-    let db = support::connect(&database.url_text()).await;
+    let (database, db) = database().await;
     let a = open(&database, true).await;
     until_held(&db, true).await;
     a.close().await;
