@@ -251,21 +251,21 @@ impl PostgresStore {
 impl Store for PostgresStore {
     async fn read_at(&self, id: ConnectionId, at: Option<u64>) -> Result<Arc<StoredState>, StoreError> {
         let Some(revision) = at else {
-            // This node alone writes: what the cache holds is current.
-            let sole = self.sole.holds();
-            if sole {
-                if let Some(cached) = self.cache.current(id) {
-                    return Ok(cached.state);
-                }
-            }
-            // Otherwise a state the cache holds is answered from it once
-            // the database shows it current; the check is batched
+            // When this node alone writes (sole.rs), what the cache holds is
+            // current. Otherwise a state the cache holds is answered from it
+            // once the database shows it current; the check is batched
             // (heads.rs).
-            else if self.cache.holds(id) {
+            let sole = self.sole.holds();
+            let cached = if sole {
+                self.cache.current(id)
+            } else if self.cache.holds(id) {
                 let header = self.heads.header(id).await?.unwrap_or_default();
-                if let Some(cached) = self.cache.get(id, header.version()) {
-                    return Ok(cached.state);
-                }
+                self.cache.get(id, header.version())
+            } else {
+                None
+            };
+            if let Some(cached) = cached {
+                return Ok(cached.state);
             }
             let cache = self.cache.clone();
             return self
