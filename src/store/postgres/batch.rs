@@ -57,13 +57,16 @@ const QUEUE_DEPTH: usize = 1024;
 /// `= ANY($1)` over one-element arrays: 10 custom plans in 10 executions,
 /// `pg_prepared_statements`). The statements are written to run well on
 /// a generic plan (above), so the transaction asks for it. Measured on
-/// the Intel Xeon host, alternated 8-10 s runs at 32 clients: one
-/// connection written by all of them (one write per batch) 891 / 919 ->
-/// 1710 / 1531 writes/s, the database's CPU per write 920 / 892 -> 421 /
-/// 483 us; bench/'s write load over 1000 connections (~12 writes per
-/// batch) no different through the noise (0.89-1.04x, 6 pairs). `SET
-/// LOCAL`, not a setting of the session: it holds for these statements
-/// only, and a pooler in transaction mode passes it through.
+/// the Intel Xeon host, alternated 8-10 s runs at 32 clients, on a fresh
+/// database with one connection written by all of them (one write per
+/// batch): 891 / 919 -> 1710 / 1531 writes/s, the database's CPU per write
+/// 920 / 892 -> 421 / 483 us. Once the tables hold the rows of some
+/// thousands of writes the default's plans are as cheap: the same load
+/// after 15 s of bench/'s write load made 2471 / 2578 writes/s before and
+/// 2299 / 2739 after, and bench/'s write load over 1000 connections (~12
+/// writes per batch) was no different through the noise (0.89-1.04x, 6
+/// pairs). `SET LOCAL`, not a setting of the session: it holds for these
+/// statements only, and a pooler in transaction mode passes it through.
 const BEGIN: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan";
 /// Every connection's advisory lock, in the order given (ascending), after
 /// any other node's sole-node lease has ended (migrations/postgres/0005).
