@@ -16,9 +16,9 @@
 //! order, so two batches cannot deadlock.
 //!
 //! A batch whose connections the cache holds goes to the server in one
-//! round trip, checked there against what the cache assumed; any other, or
-//! one the check refuses, in two, reading the connections first
-//! ([`apply_batch`]).
+//! round trip, as one statement checked there against what the cache
+//! assumed; any other, or one the check refuses, in two, reading the
+//! connections first ([`apply_batch`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -81,21 +81,18 @@ const HEADERS: &str = "SELECT c.state_type, c.revision, c.next_seq, c.epoch, \
        WHERE connection_id = t.id LIMIT 1) c ON true \
      LEFT JOIN LATERAL (SELECT holder, token, expires_at_ms FROM leases \
        WHERE connection_id = t.id LIMIT 1) l ON true";
-/// Per connection, what a batch applied without reading first assumed
-/// (see [`apply_assumed`]): its revision, epoch and next position, and
-/// either a live lease with the token given or, with no token and leases
-/// respected, no live lease. Fails the transaction with [`STALE`] unless
-/// every connection is as assumed.
-const EXPECT: &str = "SELECT highwater_expect(count(*) = 0) \
-     FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::text[], $6::bool[]) \
-       AS t(id, rev, epoch, next_seq, token, respect) \
-     LEFT JOIN LATERAL (SELECT revision, epoch, next_seq FROM connections \
-       WHERE connection_id = t.id LIMIT 1) c ON true \
-     LEFT JOIN LATERAL (SELECT token, expires_at_ms > (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS live \
-       FROM leases WHERE connection_id = t.id LIMIT 1) l ON true \
-     WHERE (COALESCE(c.revision, 0), COALESCE(c.epoch, 0), COALESCE(c.next_seq, 0)) <> (t.rev, t.epoch, t.next_seq) \
-       OR CASE WHEN t.token IS NOT NULL THEN NOT COALESCE(l.live AND l.token = t.token, false) \
-         ELSE t.respect AND COALESCE(l.live, false) END";
+/// A batch's changes in one statement (migrations/postgres/0006, which
+/// says what each of its statements does): after [`LOCK_ALL`], a check
+/// that each connection is as the cache assumed (its revision, epoch and
+/// next position, and either a live lease with the token given or, with no
+/// token and leases respected, no live lease; it fails with [`STALE`]
+/// otherwise, and nothing is written), the entries deleted and set, and
+/// each connection's row and the change rows written. Returns each written
+/// connection's type after the write. Sent alone it is a transaction of
+/// its own, committed before it answers: one result for PostgreSQL to
+/// flush instead of six.
+const WRITE: &str = "SELECT written_id, written_type FROM highwater_write($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+     $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)";
 /// The SQLSTATE `highwater_expect` fails with (migrations/postgres/0003).
 const STALE: &str = "HW001";
 /// The stored blob and position of (connection, key) pairs.
@@ -105,42 +102,6 @@ const STORED: &str = "SELECT t.c, t.k, ch.blob, e.seq \
        WHERE connection_id = t.c AND entry_key = t.k LIMIT 1) e \
      CROSS JOIN LATERAL (SELECT blob FROM changes \
        WHERE connection_id = t.c AND revision = e.revision AND entry_key = t.k LIMIT 1) ch";
-const DELETE_ENTRIES: &str = "DELETE FROM entries WHERE ctid = ANY(ARRAY( \
-     SELECT x.ctid FROM unnest($1::text[], $2::text[]) AS d(c, k) \
-     CROSS JOIN LATERAL (SELECT ctid FROM entries WHERE connection_id = d.c AND entry_key = d.k LIMIT 1) x))";
-/// New entries and entries set again, by their key: an upsert finds each
-/// row through the primary key, whatever the plan.
-const SET_ENTRIES: &str = "INSERT INTO entries (connection_id, entry_key, revision, seq) \
-     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) \
-     ON CONFLICT (connection_id, entry_key) DO UPDATE SET revision = excluded.revision, seq = excluded.seq";
-/// Each written connection's row, its type set only if an entry remains:
-/// known to Highwater when it had the state before the write, else looked
-/// up (COALESCE evaluates the lookup only then; the statement sees the
-/// entry changes sent before it). Then every change row, the first of each
-/// revision carrying the revision's date (the database's clock), its type
-/// after the write, actor and reason (migrations/postgres/0004). Returns
-/// each connection's type after the write.
-const FINISH_REVISIONS: &str = "WITH t AS ( \
-       SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::bool[]) \
-         AS t(id, rev, next_seq, st, actor, reason, remaining)), \
-     header AS ( \
-       INSERT INTO connections (connection_id, state_type, revision, next_seq) \
-       SELECT t.id, CASE WHEN COALESCE(t.remaining, (SELECT true FROM entries WHERE connection_id = t.id \
-         ORDER BY entry_key LIMIT 1), false) THEN t.st END, t.rev, t.next_seq FROM t \
-       ON CONFLICT (connection_id) DO UPDATE SET state_type = excluded.state_type, \
-         revision = excluded.revision, next_seq = excluded.next_seq \
-       RETURNING connection_id, state_type), \
-     recorded AS ( \
-       INSERT INTO history (connection_id, revision, entry_key, blob, seq, created_at_ms, state_type, actor, reason) \
-       SELECT c.id, c.rev, c.k, c.blob, c.seq, \
-         CASE WHEN c.first THEN (extract(epoch FROM clock_timestamp()) * 1000)::bigint END, \
-         h.state_type, m.actor, m.reason \
-       FROM unnest($8::text[], $9::int8[], $10::text[], $11::text[], $12::int8[], $13::bool[]) \
-         AS c(id, rev, k, blob, seq, first) \
-       LEFT JOIN t m ON c.first AND m.id = c.id AND m.rev = c.rev \
-       LEFT JOIN header h ON c.first AND h.connection_id = c.id) \
-     SELECT connection_id, state_type FROM header";
-
 /// What one write produces: the caller's answer and what to cache.
 pub type Outcome = Result<(Applied, Option<Update>), StoreError>;
 
@@ -473,8 +434,8 @@ enum Assumed {
 
 /// Applies the batch in one round trip, taking each connection's head,
 /// lease and touched entries from the cache instead of reading them: the
-/// changes go to the database with BEGIN, the locks and [`EXPECT`], which
-/// fails the transaction unless every head and lease is as assumed. The
+/// changes go to the database in one statement ([`WRITE`]), which takes
+/// the locks and writes nothing unless every head and lease is as assumed. The
 /// batch's outcomes are then exactly those [`apply_locked`] would give.
 ///
 /// The cache holds a connection's head as of this node's last commit or
@@ -501,7 +462,7 @@ async fn apply_assumed(
         let Some((before, stored)) = cache.stored(*id, &likely.iter().collect::<Vec<_>>()) else {
             return Ok(Assumed::Skipped);
         };
-        // The lease the guard needs, verified by EXPECT: the one its token
+        // The lease the guard needs, verified by WRITE: the one its token
         // names, else (when leases are respected) none.
         let lease = request.guard.lease_token.as_ref().map(|token| Lease {
             holder: String::new(),
@@ -529,7 +490,7 @@ async fn apply_assumed(
     if reads_back(&checked, &states) {
         return Ok(Assumed::Skipped);
     }
-    let Some(remaining) = rows(ids, &checked, &decided, &states).send(client, Some(&expected), true).await? else {
+    let Some(remaining) = rows(ids, &checked, &decided, &states).write(client, &expected).await? else {
         return Ok(Assumed::Stale(assumed));
     };
     Ok(Assumed::Applied(answer(client, cache, writes, &checked, decided, states, &remaining).await?))
@@ -549,12 +510,20 @@ async fn apply_locked(
     let read = heads.iter().map(|head| head.before.version()).collect();
     let checked = check_and_plan(client, writes, ids, heads, &mut known, &position).await?;
     let (decided, states) = decide_all(writes, &checked, &known, cache);
-    let reads_back = reads_back(&checked, &states);
-    let remaining = rows(ids, &checked, &decided, &states).send(client, None, !reads_back).await?.unwrap_or_default();
-    let outcomes = answer(client, cache, writes, &checked, decided, states, &remaining).await?;
-    if reads_back {
+    let rows = rows(ids, &checked, &decided, &states);
+    // The locks are held and the heads read: nothing to check again.
+    let nothing = Expected::nothing(node);
+    let outcomes = if reads_back(&checked, &states) {
+        // The new states are read inside the transaction, before COMMIT.
+        let remaining = rows.write(client, &nothing).await?.unwrap_or_default();
+        let outcomes = answer(client, cache, writes, &checked, decided, states, &remaining).await?;
         client.batch_execute("COMMIT").await.map_err(classify)?;
-    }
+        outcomes
+    } else {
+        let commit = async { client.batch_execute("COMMIT").await.map_err(classify) };
+        let (remaining, ()) = tokio::try_join!(biased; rows.write(client, &nothing), commit)?;
+        answer(client, cache, writes, &checked, decided, states, &remaining.unwrap_or_default()).await?
+    };
     Ok((outcomes, read))
 }
 
@@ -1025,8 +994,8 @@ impl<'a> RevisionRows<'a> {
     }
 }
 
-/// The locks and the [`EXPECT`] rows of a batch applied without reading
-/// first.
+/// The locks and the checked rows of [`WRITE`] for a batch applied
+/// without reading first.
 struct Expected<'a> {
     lock_keys: Vec<i64>,
     node: &'a str,
@@ -1039,6 +1008,21 @@ struct Expected<'a> {
 }
 
 impl<'a> Expected<'a> {
+    /// No lock and no check, for a batch whose transaction holds the locks
+    /// and read the heads.
+    fn nothing(node: &'a str) -> Self {
+        Self {
+            lock_keys: Vec::new(),
+            node,
+            ids: &[],
+            revisions: Vec::new(),
+            epochs: Vec::new(),
+            next_seqs: Vec::new(),
+            tokens: Vec::new(),
+            respect: Vec::new(),
+        }
+    }
+
     fn of(writes: &[(ConnectionId, &'a WriteRequest)], ids: &'a [String], heads: &[Head], node: &'a str) -> Self {
         let guards = writes.iter().map(|(_, request)| &request.guard);
         Self {
@@ -1055,82 +1039,35 @@ impl<'a> Expected<'a> {
 }
 
 impl Rows<'_> {
-    /// Sends every statement with rows, in one round trip, followed by
-    /// COMMIT when `commit`. Deletes go before inserts: a restore may give a
-    /// kept entry the place of one it removes. Returns the written
-    /// connections that still have an entry (and so a type).
-    ///
-    /// With `expected`, the round trip opens the transaction, takes the
-    /// locks and checks what was assumed first; `None` then means the
-    /// check failed and the transaction rolled back (the COMMIT sent with
-    /// it ends it).
-    async fn send(
+    /// Applies the batch with [`WRITE`], checked against `x`: in a
+    /// transaction of its own when the client is not in one, else in that
+    /// one. Returns the written connections that still have an entry, or
+    /// `None` when the check failed (nothing was written; a transaction the
+    /// client was in is then aborted).
+    async fn write(
         &self,
         client: &impl GenericClient,
-        expected: Option<&Expected<'_>>,
-        commit: bool,
+        x: &Expected<'_>,
     ) -> Result<Option<HashSet<String>>, StoreError> {
-        let prelude = match expected {
-            Some(_) => Some((prepare(client, LOCK_ALL).await?, prepare(client, EXPECT).await?)),
-            None => None,
-        };
-        let delete = prepare(client, DELETE_ENTRIES).await?;
-        let set = prepare(client, SET_ENTRIES).await?;
-        let finish = prepare(client, FINISH_REVISIONS).await?;
+        let write = prepare(client, WRITE).await?;
         let (deleted_ids, deleted_keys): (Vec<&str>, Vec<&str>) = self.deleted.iter().copied().unzip();
-        let written = !self.revisions.ids.is_empty();
         let (c, e, r) = (&self.changes, &self.set, &self.revisions);
-        let skip = || async { Ok::<u64, tokio_postgres::Error>(0) };
-        let sent = tokio::try_join!(
-            biased;
-            async {
-                match (expected, &prelude) {
-                    (Some(x), Some((lock, expect))) => {
-                        let lock_params: [&(dyn ToSql + Sync); 2] = [&x.lock_keys, &x.node];
-                        let expect_params: [&(dyn ToSql + Sync); 6] =
-                            [&x.ids, &x.revisions, &x.epochs, &x.next_seqs, &x.tokens, &x.respect];
-                        let (_, _, _) = tokio::try_join!(
-                            biased;
-                            client.batch_execute(BEGIN),
-                            client.execute(lock, &lock_params),
-                            client.execute(expect, &expect_params),
-                        )?;
-                        Ok(())
-                    }
-                    _ => Ok(()),
-                }
-            },
-            async {
-                if deleted_ids.is_empty() { skip().await } else { client.execute(&delete, &[&deleted_ids, &deleted_keys]).await }
-            },
-            async {
-                if e.ids.is_empty() { skip().await } else { client.execute(&set, &[&e.ids, &e.keys, &e.revisions, &e.seqs]).await }
-            },
-            async {
-                if written {
-                    client
-                        .query(
-                            &finish,
-                            &[
-                                &r.ids, &r.revisions, &r.next_seqs, &r.types, &r.actors, &r.reasons, &r.remaining,
-                                &c.ids, &c.revisions, &c.keys, &c.blobs, &c.seqs, &c.firsts,
-                            ],
-                        )
-                        .await
-                } else {
-                    Ok(Vec::new())
-                }
-            },
-            async { if commit { client.batch_execute("COMMIT").await } else { Ok(()) } },
-        );
-        let finished = match sent {
-            Ok(((), _, _, finished, ())) => finished,
-            Err(error) if error.code().is_some_and(|code| code.code() == STALE) => return Ok(None),
-            Err(error) => return Err(classify(error)),
-        };
-        Ok(Some(
-            finished.into_iter().filter(|row| row.get::<_, Option<&str>>(1).is_some()).map(|row| row.get(0)).collect(),
-        ))
+        // Grouped as highwater_write's parameters: the check, the deleted
+        // entries, the set entries, the connections' rows, the change rows.
+        #[rustfmt::skip]
+        let params: [&(dyn ToSql + Sync); 27] = [
+            &x.lock_keys, &x.node, &x.ids, &x.revisions, &x.epochs, &x.next_seqs, &x.tokens, &x.respect,
+            &deleted_ids, &deleted_keys, &e.ids, &e.keys, &e.revisions, &e.seqs,
+            &r.ids, &r.revisions, &r.next_seqs, &r.types, &r.actors, &r.reasons, &r.remaining,
+            &c.ids, &c.revisions, &c.keys, &c.blobs, &c.seqs, &c.firsts,
+        ];
+        match client.query(&write, &params).await {
+            Ok(rows) => Ok(Some(
+                rows.into_iter().filter(|row| row.get::<_, Option<&str>>(1).is_some()).map(|row| row.get(0)).collect(),
+            )),
+            Err(error) if error.code().is_some_and(|code| code.code() == STALE) => Ok(None),
+            Err(error) => Err(classify(error)),
+        }
     }
 }
 

@@ -13,6 +13,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/postgres/0003_expect.sql"),
     include_str!("../../../migrations/postgres/0004_revisions_on_changes.sql"),
     include_str!("../../../migrations/postgres/0005_sole_node.sql"),
+    include_str!("../../../migrations/postgres/0006_write_in_one_statement.sql"),
 ];
 
 /// Serialises migrations across nodes.
