@@ -19,9 +19,10 @@
 -- would otherwise re-plan some of them at every call.
 --
 -- Measured against the six statements it replaces (bench/compare
--- BENCH_BACKEND=postgres, 32 clients, 6 alternated rounds): 14.1k -> 16.8k
--- writes/s, higher in every pair; with one client 1.88k -> 2.35k, the
--- database's CPU per write 324 -> 244 us and Highwater's 167 -> 81 us.
+-- BENCH_BACKEND=postgres, 32 clients, two runs of 6 alternated rounds):
+-- 14.1k -> 16.8k and 16.3k -> 16.9k writes/s, ahead in 11 of 12 pairs;
+-- with one client 1.5k-1.9k -> 1.9k-2.4k writes/s, the database's CPU per
+-- write ~360 -> ~260 us and Highwater's ~190 -> ~100 us.
 CREATE FUNCTION highwater_write(
     keys bigint[], me text,
     x_ids text[], x_revisions bigint[], x_epochs bigint[], x_next_seqs bigint[], x_tokens text[], x_respect boolean[],
