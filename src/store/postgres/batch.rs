@@ -67,6 +67,8 @@ const QUEUE_DEPTH: usize = 1024;
 /// writes per batch) was no different through the noise (0.89-1.04x, 6
 /// pairs). `SET LOCAL`, not a setting of the session: it holds for these
 /// statements only, and a pooler in transaction mode passes it through.
+/// A batch applied in one statement ([`WRITE`]) needs no BEGIN: its
+/// function asks for generic plans itself.
 const BEGIN: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan";
 /// Every connection's advisory lock, in the order given (ascending), after
 /// any other node's sole-node lease has ended (migrations/postgres/0005).
@@ -513,17 +515,16 @@ async fn apply_locked(
     let rows = rows(ids, &checked, &decided, &states);
     // The locks are held and the heads read: nothing to check again.
     let nothing = Expected::nothing(node);
-    let outcomes = if reads_back(&checked, &states) {
-        // The new states are read inside the transaction, before COMMIT.
-        let remaining = rows.write(client, &nothing).await?.unwrap_or_default();
-        let outcomes = answer(client, cache, writes, &checked, decided, states, &remaining).await?;
-        client.batch_execute("COMMIT").await.map_err(classify)?;
-        outcomes
-    } else {
-        let commit = async { client.batch_execute("COMMIT").await.map_err(classify) };
-        let (remaining, ()) = tokio::try_join!(biased; rows.write(client, &nothing), commit)?;
-        answer(client, cache, writes, &checked, decided, states, &remaining.unwrap_or_default()).await?
-    };
+    let write = rows.write(client, &nothing);
+    let commit = || async { client.batch_execute("COMMIT").await.map_err(classify) };
+    // A new state read back is read inside the transaction, before COMMIT;
+    // otherwise COMMIT goes in the same round trip as the changes.
+    let reads_back = reads_back(&checked, &states);
+    let remaining = if reads_back { write.await? } else { tokio::try_join!(biased; write, commit())?.0 };
+    let outcomes = answer(client, cache, writes, &checked, decided, states, &remaining.unwrap_or_default()).await?;
+    if reads_back {
+        commit().await?;
+    }
     Ok((outcomes, read))
 }
 
