@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the pure parts of a request: decoding a write,
-//! rendering a state, the merge planning, and blob minification.
+//! rendering a state, the merge planning, blob minification, and looking
+//! up a write's entries in a cached state.
 //!
 //! ```text
 //! cargo bench --bench wire                 # all
@@ -11,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -20,6 +22,7 @@ use highwater::state::wire::{
 use highwater::state::{
     changes, plan_write, Blob, ConnectionId, EntryKey, EntryOp, StateType, StateWrite, StoredState, StreamDescriptor,
 };
+use highwater::store::cache::{Cached, StateCache, Version};
 
 const CONNECTION: &str = "00000000-0000-4000-8000-000000000010";
 
@@ -137,6 +140,30 @@ fn merge(c: &mut Criterion) {
     group.finish();
 }
 
+/// What a one-stream write to a 10,000-stream connection looks up in the
+/// cache before it is batched on PostgreSQL: its stream (the last one, so
+/// the whole state is scanned) and the legacy entry it may replace.
+fn cache_lookup(c: &mut Criterion) {
+    const STREAMS: usize = 10_000;
+    let cache = StateCache::new(64 << 20);
+    let id = ConnectionId::parse(CONNECTION).expect("a UUID");
+    let version = Version { revision: 7, epoch: 0, next_seq: STREAMS as i64 };
+    let state = Arc::new(stored_state(STREAMS));
+    cache.put(id, version, Cached { state, positions: Arc::new((0..STREAMS as i64).collect()) });
+    let wanted = EntryKey::stream(descriptor(STREAMS - 1));
+    let keys = [&wanted, &EntryKey::Legacy];
+
+    let mut group = c.benchmark_group("cache_stored");
+    group.bench_function(BenchmarkId::from_parameter(STREAMS), |b| {
+        b.iter(|| {
+            let (_, found) = cache.stored(id, black_box(&keys), usize::MAX).expect("cached");
+            assert_eq!(found.len(), 1);
+            found
+        })
+    });
+    group.finish();
+}
+
 /// `Blob::from_json` of a 1 MB blob, compact and pretty-printed.
 fn blob(c: &mut Criterion) {
     let items: Vec<String> = (0..15_000)
@@ -161,6 +188,6 @@ criterion_group! {
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = decode, render, merge, blob
+    targets = decode, render, merge, blob, cache_lookup
 }
 criterion_main!(benches);

@@ -56,6 +56,55 @@ async fn revisions_count_changing_writes_without_gaps() {
     assert_eq!(store.read(id).await.unwrap(), second);
 }
 
+/// A state of more entries than SQLite's writer looks up in the cache (256)
+/// is written like a small one: PostgreSQL's batches look its entries up in
+/// the cache and go in one round trip, SQLite's writer reads them.
+#[tokio::test]
+async fn a_large_cached_state_is_written_like_a_small_one() {
+    let backend = backend().await;
+    let store = &backend.store;
+    let id = ConnectionId::random();
+    let names = |state: &highwater::state::StoredState| -> Vec<(String, String)> {
+        state
+            .entries
+            .iter()
+            .map(|(key, blob)| match key {
+                EntryKey::Stream(descriptor) => (descriptor.name.clone(), blob.as_str().to_owned()),
+                other => panic!("not a stream: {other:?}"),
+            })
+            .collect()
+    };
+    let mut expected: Vec<(String, String)> = (0..300).map(|i| (format!("s{i:03}"), i.to_string())).collect();
+    let all = expected.iter().map(|(name, blob)| stream(name, Some(blob))).collect();
+    store.write(id, write(StateType::Stream, all)).await.unwrap();
+    assert_eq!(names(&store.read(id).await.unwrap()), expected);
+
+    // One stream set again, one deleted, one added, and one unchanged:
+    // each answered with the whole state, as a later read gives it.
+    let steps: [(Vec<EntryOp>, u64); 4] = [
+        (vec![stream("s150", Some("\"x\""))], 2),
+        (vec![stream("s010", None)], 3),
+        (vec![stream("new", Some("{\"a\":1}")), stream("s299", Some("299"))], 4),
+        (vec![stream("s000", Some("0"))], 4),
+    ];
+    for (ops, revision) in steps {
+        for op in &ops {
+            let EntryKey::Stream(descriptor) = &op.key else { unreachable!() };
+            let at = expected.iter().position(|(name, _)| *name == descriptor.name);
+            match (at, &op.blob) {
+                (Some(at), Some(blob)) => expected[at].1 = blob.as_str().to_owned(),
+                (Some(at), None) => drop(expected.remove(at)),
+                (None, Some(blob)) => expected.push((descriptor.name.clone(), blob.as_str().to_owned())),
+                (None, None) => {}
+            }
+        }
+        let written = store.write(id, write(StateType::Stream, ops)).await.unwrap();
+        assert_eq!(written.revision, revision);
+        assert_eq!(names(&written), expected);
+        assert_eq!(store.read(id).await.unwrap(), written);
+    }
+}
+
 #[tokio::test]
 async fn connections_are_independent() {
     let backend = backend().await;

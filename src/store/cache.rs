@@ -158,7 +158,10 @@ impl GroupStates {
     }
 }
 
-/// The largest state [`StateCache::stored`] looks keys up in.
+/// The largest state SQLite's writer looks keys up in through
+/// [`StateCache::stored`]: beyond it, SQLite's index, an in-process call,
+/// is cheaper than scanning the entries (bench/: `stream/set` on a
+/// 10,000-stream connection went from 16k to 10k writes/s when scanned).
 pub const SCANNED_ENTRIES: usize = 256;
 
 /// Stored entries by encoded key: blob and position.
@@ -291,31 +294,37 @@ impl StateCache {
     /// there with their blob and position: what a writer would otherwise
     /// read for them. Deferred effects are looked through, not folded in,
     /// so a run of one-stream writes to a large state stays cheap. `None`
-    /// for a state of more than [`SCANNED_ENTRIES`] entries: finding a key
-    /// in it costs more than the database's index (bench/: `stream/set` on
-    /// a 10,000-stream connection went from 16k to 10k writes/s).
-    pub fn stored(&self, id: ConnectionId, keys: &[&EntryKey]) -> Option<(Header, StoredEntries)> {
-        let inner = self.inner.lock().ok()?;
-        let (version, cached, _) = inner.entries.get(&id)?;
-        if cached.state.entries.len() > SCANNED_ENTRIES {
-            return None;
-        }
-        let (pending, state_type) = match inner.pending.get(&id) {
-            Some((effects, state_type)) => (effects.as_slice(), *state_type),
-            None => (&[][..], cached.state.state_type),
-        };
-        let mut found = StoredEntries::with_capacity(keys.len());
-        let mut rest = Vec::with_capacity(keys.len());
-        for key in keys {
-            match pending.iter().rev().find(|(changed, _)| changed == *key) {
-                Some((_, Some(value))) => drop(found.insert(key.encode(), value.clone())),
-                Some((_, None)) => {}
-                None => rest.push(*key),
+    /// for a state of more than `most_entries` entries, where finding a
+    /// key costs the caller more than asking its database ([`SCANNED_ENTRIES`]
+    /// on SQLite). The entries are scanned after the cache's lock is let go.
+    pub fn stored(&self, id: ConnectionId, keys: &[&EntryKey], most_entries: usize) -> Option<(Header, StoredEntries)> {
+        let (header, mut found, rest, cached) = {
+            let inner = self.inner.lock().ok()?;
+            let (version, cached, _) = inner.entries.get(&id)?;
+            if cached.state.entries.len() > most_entries {
+                return None;
             }
+            let (pending, state_type) = match inner.pending.get(&id) {
+                Some((effects, state_type)) => (effects.as_slice(), *state_type),
+                None => (&[][..], cached.state.state_type),
+            };
+            let mut found = StoredEntries::with_capacity(keys.len());
+            let mut rest = Vec::with_capacity(keys.len());
+            for key in keys {
+                match pending.iter().rev().find(|(changed, _)| changed == *key) {
+                    Some((_, Some(value))) => drop(found.insert(key.encode(), value.clone())),
+                    Some((_, None)) => {}
+                    None => rest.push(*key),
+                }
+            }
+            let Version { revision, epoch, next_seq } = *version;
+            let cached = (!rest.is_empty()).then(|| cached.clone());
+            (Header { state_type, revision, next_seq, epoch }, found, rest, cached)
+        };
+        if let Some(cached) = cached {
+            found.extend(cached.stored(&rest));
         }
-        found.extend(cached.stored(&rest));
-        let Version { revision, epoch, next_seq } = *version;
-        Some((Header { state_type, revision, next_seq, epoch }, found))
+        Some((header, found))
     }
 
     /// Remembers the committed state of `id` at `version`, evicting the
@@ -463,7 +472,7 @@ mod tests {
 
         let missing = stream("none");
         for wanted in [vec![&keys[3], &keys[4], &keys[5], &missing], keys.iter().chain([&missing]).collect()] {
-            let (header, found) = cache.stored(id, &wanted).unwrap();
+            let (header, found) = cache.stored(id, &wanted, SCANNED_ENTRIES).unwrap();
             assert_eq!(header.version(), v2);
             assert_eq!(header.state_type, Some(StateType::Stream));
             assert_eq!(found.get(&keys[3].encode()).map(|(b, s)| (b.as_str(), *s)), Some(("2", 3)));
@@ -473,15 +482,18 @@ mod tests {
         }
         // Still deferred: nothing was folded in.
         assert_eq!(cache.inner.lock().unwrap().pending[&id].0.len(), 2);
-        assert!(cache.stored(ConnectionId::random(), &[&keys[0]]).is_none());
+        assert!(cache.stored(ConnectionId::random(), &[&keys[0]], SCANNED_ENTRIES).is_none());
 
-        // A large state is left to the database's index.
+        // A state larger than the caller's limit is left to its database.
         let big = ConnectionId::random();
         let entries = (0..=SCANNED_ENTRIES).map(|i| (stream(&format!("s{i}")), Blob::from_json("1"))).collect();
         let state = StoredState { state_type: Some(StateType::Stream), revision: 1, entries };
         let positions = Arc::new((0..=SCANNED_ENTRIES as i64).collect());
         cache.put(big, V1, Cached { state: Arc::new(state), positions });
-        assert!(cache.stored(big, &[&keys[0]]).is_none());
+        assert!(cache.stored(big, &[&keys[0]], SCANNED_ENTRIES).is_none());
+        let (_, found) = cache.stored(big, &[&keys[0], &missing], SCANNED_ENTRIES + 1).unwrap();
+        assert_eq!(found.get(&keys[0].encode()).map(|(b, s)| (b.as_str(), *s)), Some(("1", 0)));
+        assert_eq!(found.len(), 1);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension, MAIN_DB};
 use super::classify;
 use crate::state::ops::{check_guard, plan, Context, Lease, Needs, PastState, Refusal, WriteRequest};
 use crate::state::{advance, changes, Blob, Change, ConnectionId, Entries, EntryKey, EntryOp, StateType, StoredState};
-use crate::store::cache::{Cached, GroupStates, Header, StateCache, StoredEntries, Update, Version};
+use crate::store::cache::{Cached, GroupStates, Header, StateCache, StoredEntries, Update, Version, SCANNED_ENTRIES};
 use crate::store::{Applied, StoreError};
 
 /// Reads the whole current state of a connection, from the cache when it
@@ -133,7 +133,7 @@ pub fn apply(
     let keys: Vec<&EntryKey> = plan.ops.iter().map(|op| &op.key).collect();
     let stored = match base.clone().or_else(|| group.get(id, before.version())) {
         Some(state) => state.stored(&keys),
-        None => match cache.stored(id, &keys) {
+        None => match cache.stored(id, &keys, SCANNED_ENTRIES) {
             Some((held, stored)) if held.version() == before.version() => stored,
             _ => stored_entries(conn, id, &plan.ops)?,
         },
