@@ -295,8 +295,19 @@ impl Store for PostgresStore {
     }
 
     async fn apply(&self, id: ConnectionId, request: WriteRequest) -> Result<Applied, StoreError> {
-        let _queued = self.writers.lock(id).await;
-        self.batcher.apply(id, request).await
+        let applied = {
+            let _queued = self.writers.lock(id).await;
+            self.batcher.apply(id, request).await
+        };
+        // Letting go of the lock woke its next waiter, if any, into this
+        // worker's LIFO slot, where it runs only once this task yields; the
+        // caller goes on to render the answer (about 0.3 ms for a 1.3 MB
+        // state), so the next write of the connection goes first. 32 clients
+        // writing one 10,000-stream connection, alternated 8 s runs:
+        // 652 / 571 -> 929 / 818 writes/s; writes to 1000 connections did
+        // not move.
+        tokio::task::yield_now().await;
+        applied
     }
 
     async fn history(&self, id: ConnectionId, limit: usize, before: Option<u64>) -> Result<History, StoreError> {
