@@ -158,12 +158,6 @@ impl GroupStates {
     }
 }
 
-/// The largest state SQLite's writer looks keys up in through
-/// [`StateCache::stored`]: beyond it, SQLite's index, an in-process call,
-/// is cheaper than scanning the entries (bench/: `stream/set` on a
-/// 10,000-stream connection went from 16k to 10k writes/s when scanned).
-pub const SCANNED_ENTRIES: usize = 256;
-
 /// Stored entries by encoded key: blob and position.
 pub type StoredEntries = HashMap<String, (Blob, i64)>;
 
@@ -295,8 +289,9 @@ impl StateCache {
     /// read for them. Deferred effects are looked through, not folded in,
     /// so a run of one-stream writes to a large state stays cheap. `None`
     /// for a state of more than `most_entries` entries, where finding a
-    /// key costs the caller more than asking its database ([`SCANNED_ENTRIES`]
-    /// on SQLite). The entries are scanned after the cache's lock is let go.
+    /// key costs the caller more than asking its database (each backend
+    /// sets its limit). The entries are scanned after the cache's lock is
+    /// let go.
     pub fn stored(&self, id: ConnectionId, keys: &[&EntryKey], most_entries: usize) -> Option<(Header, StoredEntries)> {
         let (header, mut found, rest, cached) = {
             let inner = self.inner.lock().ok()?;
@@ -458,6 +453,8 @@ mod tests {
 
     #[test]
     fn stored_entries_are_looked_up_through_deferred_effects_without_folding_them() {
+        // The largest state the caller has a key looked up in.
+        const LIMIT: usize = 256;
         let cache = StateCache::new(1 << 20);
         let id = ConnectionId::random();
         let stream =
@@ -472,7 +469,7 @@ mod tests {
 
         let missing = stream("none");
         for wanted in [vec![&keys[3], &keys[4], &keys[5], &missing], keys.iter().chain([&missing]).collect()] {
-            let (header, found) = cache.stored(id, &wanted, SCANNED_ENTRIES).unwrap();
+            let (header, found) = cache.stored(id, &wanted, LIMIT).unwrap();
             assert_eq!(header.version(), v2);
             assert_eq!(header.state_type, Some(StateType::Stream));
             assert_eq!(found.get(&keys[3].encode()).map(|(b, s)| (b.as_str(), *s)), Some(("2", 3)));
@@ -482,16 +479,16 @@ mod tests {
         }
         // Still deferred: nothing was folded in.
         assert_eq!(cache.inner.lock().unwrap().pending[&id].0.len(), 2);
-        assert!(cache.stored(ConnectionId::random(), &[&keys[0]], SCANNED_ENTRIES).is_none());
+        assert!(cache.stored(ConnectionId::random(), &[&keys[0]], LIMIT).is_none());
 
         // A state larger than the caller's limit is left to its database.
         let big = ConnectionId::random();
-        let entries = (0..=SCANNED_ENTRIES).map(|i| (stream(&format!("s{i}")), Blob::from_json("1"))).collect();
+        let entries = (0..=LIMIT).map(|i| (stream(&format!("s{i}")), Blob::from_json("1"))).collect();
         let state = StoredState { state_type: Some(StateType::Stream), revision: 1, entries };
-        let positions = Arc::new((0..=SCANNED_ENTRIES as i64).collect());
+        let positions = Arc::new((0..=LIMIT as i64).collect());
         cache.put(big, V1, Cached { state: Arc::new(state), positions });
-        assert!(cache.stored(big, &[&keys[0]], SCANNED_ENTRIES).is_none());
-        let (_, found) = cache.stored(big, &[&keys[0], &missing], SCANNED_ENTRIES + 1).unwrap();
+        assert!(cache.stored(big, &[&keys[0]], LIMIT).is_none());
+        let (_, found) = cache.stored(big, &[&keys[0], &missing], LIMIT + 1).unwrap();
         assert_eq!(found.get(&keys[0].encode()).map(|(b, s)| (b.as_str(), *s)), Some(("1", 0)));
         assert_eq!(found.len(), 1);
     }
