@@ -358,3 +358,59 @@ async fn a_node_writing_on_its_cached_head_sees_what_another_node_did() {
     assert_eq!(state.revision, 3);
     assert_eq!(state.entries[0].1, Blob::from_json("5"));
 }
+
+/// Every write reaches the database while its transaction holds its
+/// connection's advisory lock, including the first a pooled session makes,
+/// when its statements are not yet prepared. A trigger the test adds to
+/// `history` records, for each statement writing it, how many connection
+/// locks (`pg_advisory_xact_lock(bigint)`, objsubid 1) its session holds.
+#[tokio::test]
+#[ignore = "needs PostgreSQL: run with HIGHWATER_TEST_BACKEND=postgres and --include-ignored (as .ci/run does)"]
+async fn every_write_is_made_under_its_connections_lock() {
+    use highwater::state::ops::{Guard, Meta, Operation, WriteRequest};
+    use highwater::state::{Blob, EntryKey, EntryOp, StateType, StateWrite, StreamDescriptor};
+
+    let database = TestDatabase::postgres_always().await;
+    let store = database.open().await;
+    let db = support::connect(&database.url_text()).await;
+    db.batch_execute(
+        "CREATE TABLE lock_audit (held bigint NOT NULL);
+         CREATE FUNCTION lock_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO lock_audit SELECT count(*) FROM pg_locks
+              WHERE locktype = 'advisory' AND objsubid = 1 AND granted AND pid = pg_backend_pid();
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER lock_audit AFTER INSERT ON history FOR EACH STATEMENT EXECUTE FUNCTION lock_audit();",
+    )
+    .await
+    .expect("the audit trigger");
+    let set = |value: u64| WriteRequest {
+        operation: Operation::Merge(StateWrite {
+            state_type: StateType::Stream,
+            ops: vec![EntryOp {
+                key: EntryKey::stream(StreamDescriptor { name: "s".to_owned(), namespace: None }),
+                blob: Some(Blob::from_json(&value.to_string())),
+            }],
+        }),
+        guard: Guard::default(),
+        meta: Meta::default(),
+        // Nothing to read back: the changes and the COMMIT go together.
+        return_state: false,
+    };
+    // New connections are not cached: each write reads its head under the
+    // lock first, on whichever pooled session is free.
+    let writes: Vec<_> = (0..16)
+        .map(|value| {
+            let store = store.clone();
+            tokio::spawn(async move { store.apply(ConnectionId::random(), set(value)).await })
+        })
+        .collect();
+    for write in writes {
+        write.await.expect("writer").expect("write");
+    }
+    let held: Vec<i64> =
+        db.query("SELECT held FROM lock_audit", &[]).await.unwrap().iter().map(|row| row.get(0)).collect();
+    assert!(!held.is_empty(), "the trigger saw no write");
+    assert!(held.iter().all(|&locks| locks > 0), "writes made without their connection's lock: {held:?}");
+}

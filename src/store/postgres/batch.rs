@@ -501,7 +501,8 @@ async fn apply_assumed(
     if reads_back(&checked, &states) {
         return Ok(Assumed::Skipped);
     }
-    let Some(remaining) = rows(ids, &checked, &decided, &states).write(client, &expected).await? else {
+    let statement = prepare(client, WRITE).await?;
+    let Some(remaining) = rows(ids, &checked, &decided, &states).write(client, &statement, &expected).await? else {
         return Ok(Assumed::Stale(assumed));
     };
     Ok(Assumed::Applied(answer(client, cache, writes, &checked, decided, states, &remaining).await?))
@@ -524,7 +525,12 @@ async fn apply_locked(
     let rows = rows(ids, &checked, &decided, &states);
     // The locks are held and the heads read: nothing to check again.
     let nothing = Expected::nothing(node);
-    let write = rows.write(client, &nothing);
+    // Prepared before the changes and the COMMIT are pipelined: a session
+    // that has not prepared it yet would send COMMIT while waiting for the
+    // statement, and the changes would follow it in a transaction of their
+    // own, without the locks (two nodes then numbered one revision twice).
+    let statement = prepare(client, WRITE).await?;
+    let write = rows.write(client, &statement, &nothing);
     let commit = || async { client.batch_execute("COMMIT").await.map_err(classify) };
     // A new state read back is read inside the transaction, before COMMIT;
     // otherwise COMMIT goes in the same round trip as the changes.
@@ -1053,17 +1059,19 @@ impl<'a> Expected<'a> {
 }
 
 impl Rows<'_> {
-    /// Applies the batch with [`WRITE`], checked against `x`: in a
-    /// transaction of its own when the client is not in one, else in that
-    /// one. Returns the written connections that still have an entry, or
-    /// `None` when the check failed (nothing was written; a transaction the
-    /// client was in is then aborted).
+    /// Applies the batch with `write`, [`WRITE`] prepared on `client`,
+    /// checked against `x`: in a transaction of its own when the client is
+    /// not in one, else in that one. Returns the written connections that
+    /// still have an entry, or `None` when the check failed (nothing was
+    /// written; a transaction the client was in is then aborted). Sends the
+    /// statement when first polled, so that what is pipelined after it
+    /// follows it.
     async fn write(
         &self,
         client: &impl GenericClient,
+        write: &tokio_postgres::Statement,
         x: &Expected<'_>,
     ) -> Result<Option<HashSet<String>>, StoreError> {
-        let write = prepare(client, WRITE).await?;
         let (deleted_ids, deleted_keys): (Vec<&str>, Vec<&str>) = self.deleted.iter().copied().unzip();
         let (c, e, r) = (&self.changes, &self.set, &self.revisions);
         // Grouped as highwater_write's parameters: the check, the deleted
@@ -1075,7 +1083,7 @@ impl Rows<'_> {
             &r.ids, &r.revisions, &r.next_seqs, &r.types, &r.actors, &r.reasons, &r.remaining,
             &c.ids, &c.revisions, &c.keys, &c.blobs, &c.seqs, &c.firsts,
         ];
-        match client.query(&write, &params).await {
+        match client.query(write, &params).await {
             Ok(rows) => Ok(Some(
                 rows.into_iter().filter(|row| row.get::<_, Option<&str>>(1).is_some()).map(|row| row.get(0)).collect(),
             )),
