@@ -192,3 +192,59 @@ async fn a_node_that_stops_cleanly_gives_the_lease_up_at_once() {
     b.write(ConnectionId::random(), set("s", 1)).await.unwrap();
     assert!(started.elapsed() < Duration::from_millis(700), "a write waited {:?}", started.elapsed());
 }
+
+/// A renewal that ran while the lease was live but committed after it
+/// ended (here every commit touching the lease takes 1.3 s, as a slow flush
+/// or a synchronous standby might): a writer that judged the lease by what
+/// was committed may have written in between, so the holder must not go on
+/// answering from memory. B is such a writer: a Highwater write from a
+/// session that has not joined the nodes (a node starting, or whose lease
+/// session is reconnecting). Every read through A must show every revision
+/// B committed before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL; .ci/run runs it with --include-ignored"]
+async fn a_renewal_committed_after_the_lease_ended_is_not_trusted() {
+    let (database, db) = database().await;
+    let id = ConnectionId::random();
+    let a = open(&database, true).await;
+    a.write(id, set("s", 1)).await.unwrap();
+    until_held(&db, true).await;
+    a.read(id).await.unwrap();
+    db.batch_execute(
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(1.3); RETURN NULL; END $$;
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER UPDATE ON highwater_sole DEFERRABLE INITIALLY DEFERRED
+           FOR EACH ROW EXECUTE FUNCTION slow_commit();",
+    )
+    .await
+    .unwrap();
+    let mut b = support::connect(&database.url_text()).await;
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut writes = 0;
+    while Instant::now() < deadline {
+        let tx = b.transaction().await.unwrap();
+        tx.execute("SELECT highwater_lock('{}', 'B')", &[]).await.unwrap();
+        let committed: i64 = tx
+            .query_one(
+                "UPDATE connections SET revision = revision + 1 WHERE connection_id = $1 RETURNING revision",
+                &[&id.to_string()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        tx.commit().await.unwrap();
+        writes += 1;
+        // B got in when the lease ended, 0.6 s before the renewal running
+        // then committed (renewals follow each other every 1.3 s now), and
+        // A's trust had run out 0.2 s before the lease. A read before that
+        // renewal's answer would ask the database and so bring A's cache up
+        // to date; one 0.8 s after B's commit comes once A has the answer.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let answered = a.read(id).await.unwrap().revision;
+        assert!(
+            answered as i64 >= committed,
+            "A answered revision {answered} after B committed {committed} (B's write {writes})"
+        );
+    }
+    assert!(writes > 1, "B wrote {writes} times");
+}

@@ -17,8 +17,11 @@
 //!   was read ([`StateCache::mark`], [`StateCache::put_unless_changed`]).
 //!   A PostgreSQL node uses it so while it holds the sole-node lease
 //!   (`postgres::sole`): it empties the cache when it takes the lease
-//!   ([`StateCache::reset`]), and what a read or a write that began before
-//!   is not kept.
+//!   ([`StateCache::trust`]), and what a read or a write that began before
+//!   is not kept; from then until it gives the lease up
+//!   ([`StateCache::distrust`]) a state read is kept only if no commit
+//!   happened while it was read, whatever the reader assumed when it
+//!   began.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -175,6 +178,8 @@ struct Inner {
     commits: u64,
     /// Times [`StateCache::reset`] emptied the cache.
     resets: u64,
+    /// Set by [`StateCache::trust`]: every read is kept as if strict.
+    trusted: bool,
 }
 
 /// When a read or a write began, as the cache counts: see
@@ -244,10 +249,12 @@ impl StateCache {
 
     /// [`Self::put`], unless the cache was reset after `mark` was taken
     /// (what was read may predate what the reset was for), or, when
-    /// `strict`, a commit was reported since (what was read may be older
-    /// than what the cache was told).
+    /// `strict` or the cache is trusted ([`Self::trust`]), a commit was
+    /// reported since (what was read may be older than what the cache was
+    /// told).
     pub fn put_unless_changed(&self, id: ConnectionId, version: Version, cached: Cached, mark: Mark, strict: bool) {
         if let Ok(mut inner) = self.inner.lock() {
+            let strict = strict || inner.trusted;
             if inner.resets == mark.resets && (!strict || inner.commits == mark.commits) {
                 inner.put(id, version, cached, self.budget);
             }
@@ -276,6 +283,26 @@ impl StateCache {
             let resets = inner.resets + 1;
             let commits = inner.commits + 1;
             *inner = Inner { commits, resets, ..Inner::default() };
+        }
+    }
+
+    /// [`Self::reset`], before the cache is answered from as the current
+    /// state: until [`Self::distrust`], a state read is kept only if no
+    /// commit was reported while it was read, even from a reader that began
+    /// when the cache was not trusted (and would have kept it, the version
+    /// being checked at every use then) but read after this reset.
+    pub fn trust(&self) {
+        if let Ok(mut inner) = self.inner.lock() {
+            let resets = inner.resets + 1;
+            let commits = inner.commits + 1;
+            *inner = Inner { commits, resets, trusted: true, ..Inner::default() };
+        }
+    }
+
+    /// Ends [`Self::trust`]: every use checks the version again.
+    pub fn distrust(&self) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.trusted = false;
         }
     }
 
@@ -558,6 +585,26 @@ mod tests {
         assert!(cache.current(read).is_none(), "a strict read kept across a commit");
         cache.put_unless_changed(read, V1, state(10), after, false);
         assert!(cache.current(read).is_some());
+    }
+
+    #[test]
+    fn once_trusted_a_read_is_kept_only_if_no_commit_came_while_it_read() {
+        let cache = StateCache::new(1 << 20);
+        let (id, other) = (ConnectionId::random(), ConnectionId::random());
+        cache.trust();
+        // A reader that began when the cache was not trusted (not strict),
+        // but marked after the cache was emptied for trust.
+        let read_from = cache.mark();
+        cache.committed([(other, Update::Forget)]);
+        cache.put_unless_changed(id, V1, state(10), read_from, false);
+        assert!(cache.current(id).is_none(), "a read across a commit was kept in a trusted cache");
+        cache.put_unless_changed(id, V1, state(10), cache.mark(), false);
+        assert!(cache.current(id).is_some());
+        cache.distrust();
+        let read_from = cache.mark();
+        cache.committed([(other, Update::Forget)]);
+        cache.put_unless_changed(other, V1, state(10), read_from, false);
+        assert!(cache.current(other).is_some(), "once distrusted, every use checks the version again");
     }
 
     #[test]

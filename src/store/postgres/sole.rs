@@ -23,6 +23,12 @@
 //!   that has not lapsed, so a lapsed one is taken again with an emptied
 //!   cache. A holder whose session is cut, or which is frozen, therefore
 //!   stops answering from memory before another node can write.
+//! - **A renewal counts only if it is answered in time.** A writer judges
+//!   the lease by what is committed, so a renewal that ran before the
+//!   lease ended but committed after it (a slow flush) may have let a
+//!   write in. A holder whose trust lapsed before the renewal's answer
+//!   came (the lease may have ended) gives the lease up instead, and takes
+//!   it again with an emptied cache, after the writes in flight.
 //! - **A node that joins is seen.** Each node holds `(CLASS, MEMBERS)`
 //!   shared on a session of its own; the holder holds it exclusively, so a
 //!   joining node waits for it, and the holder, seeing a waiter when it
@@ -139,6 +145,7 @@ impl Sole {
                     return;
                 };
                 held.lapse();
+                cache.distrust();
                 tracing::warn!(%error, "the sole-node lease session failed; reads ask the database until it is back");
                 tokio::select! {
                     () = tokio::time::sleep(RECONNECT_AFTER) => {}
@@ -204,6 +211,7 @@ async fn session(
             _ = &mut *stop => {
                 if holding {
                     held.lapse();
+                    cache.distrust();
                     let released = tokio::time::timeout(RENEW_EVERY, client.execute(RELEASE, &[&node])).await;
                     if released.is_ok_and(|released| released.is_ok()) {
                         tracing::info!("gave up the sole-node lease on the way out");
@@ -214,7 +222,7 @@ async fn session(
         }
         let step = async {
             if holding {
-                renew(&client, node, held).await
+                renew(&client, node, cache, held).await
             } else if take {
                 acquire(&mut client, node, cache, held).await
             } else {
@@ -250,8 +258,9 @@ async fn acquire(client: &mut Client, node: &str, cache: &StateCache, held: &Hel
         tracing::debug!("another node's sole-node lease is still live");
         return Ok(false);
     }
-    // What the cache holds may predate writes of other nodes.
-    cache.reset();
+    // What the cache holds may predate writes of other nodes, and so may
+    // what reads begun before now are about to keep.
+    cache.trust();
     held.trust_from(sent);
     tracing::info!(
         "this node is the only one on the database: it holds the sole-node lease and answers reads from memory"
@@ -259,22 +268,32 @@ async fn acquire(client: &mut Client, node: &str, cache: &StateCache, held: &Hel
     Ok(true)
 }
 
-/// Renews the lease; gives it up when another node waits to join or the
-/// lease has lapsed. Returns whether it is still held.
-async fn renew(client: &Client, node: &str, held: &Held) -> Result<bool, StoreError> {
+/// Renews the lease; gives it up when another node waits to join, when the
+/// lease has lapsed, or when the renewal was answered only after this node
+/// stopped trusting its cache. Returns whether it is still held.
+async fn renew(client: &Client, node: &str, cache: &StateCache, held: &Held) -> Result<bool, StoreError> {
     let sent = held.now();
     let row = client.query_one(RENEW, &[&node, &lease_ms()]).await.map_err(classify)?;
     let (waiting, renewed): (i64, bool) = (row.get(0), row.get(1));
-    if renewed {
+    // Answered while trusted, the renewal committed before the lease it
+    // extends ended: no other writer got in between.
+    let in_time = held.holds();
+    if renewed && in_time {
         held.trust_from(sent);
         return Ok(true);
     }
     // First stop trusting the cache, then let the others write.
     held.lapse();
+    cache.distrust();
     client.execute(RELEASE, &[&node]).await.map_err(classify)?;
     client.execute("SELECT pg_advisory_unlock($1, $2)", &[&CLASS, &MEMBERS]).await.map_err(classify)?;
     if waiting > 0 {
         tracing::info!("another node joined: gave up the sole-node lease; reads ask the database again");
+    } else if renewed {
+        tracing::warn!(
+            "the sole-node lease's renewal was answered after this node stopped trusting it: gave it up, \
+             to take it again with an emptied cache"
+        );
     } else {
         tracing::warn!(
             "the sole-node lease lapsed before it was renewed; reads ask the database until it is taken again"
