@@ -412,6 +412,16 @@ impl Inner {
     }
 
     fn put(&mut self, id: ConnectionId, version: Version, cached: Cached, budget: usize) {
+        // A later revision of the same connection (the epoch unchanged) is
+        // never replaced by an earlier one: two of a node's write batches
+        // can report their commits out of order (postgres::batch).
+        if self
+            .entries
+            .get(&id)
+            .is_some_and(|(held, _, _)| held.epoch == version.epoch && held.revision > version.revision)
+        {
+            return;
+        }
         let size = weight(&cached.state);
         if size > budget / 4 {
             self.forget(id);
@@ -605,6 +615,21 @@ mod tests {
         cache.committed([(other, Update::Forget)]);
         cache.put_unless_changed(other, V1, state(10), read_from, false);
         assert!(cache.current(other).is_some(), "once distrusted, every use checks the version again");
+    }
+
+    #[test]
+    fn an_earlier_revision_never_replaces_a_later_one() {
+        let cache = StateCache::new(1 << 20);
+        let id = ConnectionId::random();
+        let v2 = Version { revision: 2, epoch: 0, next_seq: 0 };
+        // Two batches' commits reported out of order.
+        cache.committed([(id, Update::Put(v2, state(20)))]);
+        cache.committed([(id, Update::Put(V1, state(10)))]);
+        assert!(cache.get(id, v2).is_some(), "revision 1 replaced revision 2");
+        // An import starts a new epoch: its revision 1 replaces whatever was held.
+        let imported = Version { revision: 1, epoch: 7, next_seq: 0 };
+        cache.committed([(id, Update::Put(imported, state(10)))]);
+        assert!(cache.get(id, imported).is_some());
     }
 
     #[test]
