@@ -176,7 +176,7 @@ struct Inner {
     bytes: usize,
     /// Commits reported through [`StateCache::committed`].
     commits: u64,
-    /// Times [`StateCache::reset`] emptied the cache.
+    /// Times the cache was emptied ([`StateCache::trust`]).
     resets: u64,
     /// Set by [`StateCache::trust`]: every read is kept as if strict.
     trusted: bool,
@@ -277,26 +277,22 @@ impl StateCache {
     }
 
     /// Forgets everything held, and counts as a commit: other writers may
-    /// have written any of it.
-    pub fn reset(&self) {
+    /// have written any of it. Then trusted or not ([`Self::trust`]).
+    fn reset(&self, trusted: bool) {
         if let Ok(mut inner) = self.inner.lock() {
             let resets = inner.resets + 1;
             let commits = inner.commits + 1;
-            *inner = Inner { commits, resets, ..Inner::default() };
+            *inner = Inner { commits, resets, trusted, ..Inner::default() };
         }
     }
 
-    /// [`Self::reset`], before the cache is answered from as the current
-    /// state: until [`Self::distrust`], a state read is kept only if no
-    /// commit was reported while it was read, even from a reader that began
-    /// when the cache was not trusted (and would have kept it, the version
-    /// being checked at every use then) but read after this reset.
+    /// Empties the cache before it is answered from as the current state:
+    /// until [`Self::distrust`], a state read is kept only if no commit was
+    /// reported while it was read, even from a reader that began when the
+    /// cache was not trusted (and would have kept it, the version being
+    /// checked at every use then) but read after this.
     pub fn trust(&self) {
-        if let Ok(mut inner) = self.inner.lock() {
-            let resets = inner.resets + 1;
-            let commits = inner.commits + 1;
-            *inner = Inner { commits, resets, trusted: true, ..Inner::default() };
-        }
+        self.reset(true);
     }
 
     /// Ends [`Self::trust`]: every use checks the version again.
@@ -582,7 +578,7 @@ mod tests {
         let (read, written) = (ConnectionId::random(), ConnectionId::random());
         cache.put(written, V1, state(10));
         let before = cache.mark();
-        cache.reset();
+        cache.reset(false);
         assert!(cache.current(written).is_none(), "a reset keeps nothing");
         cache.put_unless_changed(read, V1, state(10), before, false);
         assert!(cache.current(read).is_none(), "a read begun before the reset was kept");
