@@ -69,6 +69,19 @@ async fn open(database: &TestDatabase, sole_node: bool) -> std::sync::Arc<dyn St
     store::open(&database.url, &options).await.expect("open the store")
 }
 
+/// A node that holds the lease, and a connection it wrote and read.
+async fn holder_of_one_connection(
+    database: &TestDatabase,
+    db: &tokio_postgres::Client,
+) -> (std::sync::Arc<dyn Store>, ConnectionId) {
+    let id = ConnectionId::random();
+    let a = open(database, true).await;
+    a.write(id, set("s", 1)).await.unwrap();
+    until_held(db, true).await;
+    assert_eq!(value(&*a, id, "s").await.as_deref(), Some("1"));
+    (a, id)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs PostgreSQL; .ci/run runs it with --include-ignored"]
 async fn a_node_alone_answers_from_memory_and_every_read_still_sees_the_other_nodes_writes() {
@@ -133,11 +146,7 @@ async fn a_node_alone_answers_from_memory_and_every_read_still_sees_the_other_no
 #[ignore = "needs PostgreSQL; .ci/run runs it with --include-ignored"]
 async fn a_holder_cut_off_stops_answering_from_memory_before_another_node_can_write() {
     let (database, db) = database().await;
-    let id = ConnectionId::random();
-    let a = open(&database, true).await;
-    a.write(id, set("s", 1)).await.unwrap();
-    until_held(&db, true).await;
-    assert_eq!(value(&*a, id, "s").await.as_deref(), Some("1"));
+    let (a, id) = holder_of_one_connection(&database, &db).await;
 
     // A's lease session is cut: its lease stays live in the database until
     // it runs out. A node that never takes the lease writes meanwhile: its
@@ -205,11 +214,7 @@ async fn a_node_that_stops_cleanly_gives_the_lease_up_at_once() {
 #[ignore = "needs PostgreSQL; .ci/run runs it with --include-ignored"]
 async fn a_renewal_committed_after_the_lease_ended_is_not_trusted() {
     let (database, db) = database().await;
-    let id = ConnectionId::random();
-    let a = open(&database, true).await;
-    a.write(id, set("s", 1)).await.unwrap();
-    until_held(&db, true).await;
-    a.read(id).await.unwrap();
+    let (a, id) = holder_of_one_connection(&database, &db).await;
     db.batch_execute(
         "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN PERFORM pg_sleep(1.3); RETURN NULL; END $$;
