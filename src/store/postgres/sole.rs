@@ -131,6 +131,13 @@ impl Held {
     }
 }
 
+/// Stops answering from memory: the node no longer trusts its cache, and
+/// the cache checks every use again ([`StateCache::distrust`]).
+fn stop_trusting(held: &Held, cache: &StateCache) {
+    held.lapse();
+    cache.distrust();
+}
+
 impl Sole {
     /// Starts the lease session of node `node` (the name its writes give
     /// `highwater_lock`). With `take`, the node takes the lease whenever it
@@ -144,8 +151,7 @@ impl Sole {
                 let Err(error) = session(&config, &node, &cache, &held, take, &mut stopped).await else {
                     return;
                 };
-                held.lapse();
-                cache.distrust();
+                stop_trusting(&held, &cache);
                 tracing::warn!(%error, "the sole-node lease session failed; reads ask the database until it is back");
                 tokio::select! {
                     () = tokio::time::sleep(RECONNECT_AFTER) => {}
@@ -210,8 +216,7 @@ async fn session(
             _ = ticks.tick() => {}
             _ = &mut *stop => {
                 if holding {
-                    held.lapse();
-                    cache.distrust();
+                    stop_trusting(held, cache);
                     let released = tokio::time::timeout(RENEW_EVERY, client.execute(RELEASE, &[&node])).await;
                     if released.is_ok_and(|released| released.is_ok()) {
                         tracing::info!("gave up the sole-node lease on the way out");
@@ -283,8 +288,7 @@ async fn renew(client: &Client, node: &str, cache: &StateCache, held: &Held) -> 
         return Ok(true);
     }
     // First stop trusting the cache, then let the others write.
-    held.lapse();
-    cache.distrust();
+    stop_trusting(held, cache);
     client.execute(RELEASE, &[&node]).await.map_err(classify)?;
     client.execute("SELECT pg_advisory_unlock($1, $2)", &[&CLASS, &MEMBERS]).await.map_err(classify)?;
     if waiting > 0 {
