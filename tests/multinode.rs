@@ -293,24 +293,13 @@ async fn compare_and_swap_increments_through_two_nodes_count_exactly() {
 #[tokio::test]
 #[ignore = "needs PostgreSQL: run with HIGHWATER_TEST_BACKEND=postgres and --include-ignored (as .ci/run does)"]
 async fn a_node_writing_on_its_cached_head_sees_what_another_node_did() {
-    use highwater::state::ops::{Guard, LeaseOp, Meta, Operation, Refusal, WriteRequest};
-    use highwater::state::{Blob, EntryKey, EntryOp, StateType, StateWrite, StreamDescriptor};
+    use highwater::state::ops::{Guard, LeaseOp, Refusal};
+    use highwater::state::Blob;
     use highwater::store::StoreError;
 
     let database = TestDatabase::postgres_always().await;
     let (a, b) = (database.open().await, database.open().await);
-    let set = |name: &str, value: u64, guard: Guard| WriteRequest {
-        operation: Operation::Merge(StateWrite {
-            state_type: StateType::Stream,
-            ops: vec![EntryOp {
-                key: EntryKey::stream(StreamDescriptor { name: name.to_owned(), namespace: None }),
-                blob: Some(Blob::from_json(&value.to_string())),
-            }],
-        }),
-        guard,
-        meta: Meta::default(),
-        return_state: true,
-    };
+    let set = |name: &str, value: u64, guard: Guard| set_stream(name, value, guard, true);
     let expecting = |revision| Guard { expected_revision: Some(revision), ..Guard::default() };
     let respecting = Guard { respect_lease: true, ..Guard::default() };
     let names = |state: &highwater::state::StoredState| -> Vec<String> {
@@ -367,8 +356,7 @@ async fn a_node_writing_on_its_cached_head_sees_what_another_node_did() {
 #[tokio::test]
 #[ignore = "needs PostgreSQL: run with HIGHWATER_TEST_BACKEND=postgres and --include-ignored (as .ci/run does)"]
 async fn every_write_is_made_under_its_connections_lock() {
-    use highwater::state::ops::{Guard, Meta, Operation, WriteRequest};
-    use highwater::state::{Blob, EntryKey, EntryOp, StateType, StateWrite, StreamDescriptor};
+    use highwater::state::ops::Guard;
 
     let database = TestDatabase::postgres_always().await;
     let store = database.open().await;
@@ -385,19 +373,8 @@ async fn every_write_is_made_under_its_connections_lock() {
     )
     .await
     .expect("the audit trigger");
-    let set = |value: u64| WriteRequest {
-        operation: Operation::Merge(StateWrite {
-            state_type: StateType::Stream,
-            ops: vec![EntryOp {
-                key: EntryKey::stream(StreamDescriptor { name: "s".to_owned(), namespace: None }),
-                blob: Some(Blob::from_json(&value.to_string())),
-            }],
-        }),
-        guard: Guard::default(),
-        meta: Meta::default(),
-        // Nothing to read back: the changes and the COMMIT go together.
-        return_state: false,
-    };
+    // Nothing to read back: the changes and the COMMIT go together.
+    let set = |value: u64| set_stream("s", value, Guard::default(), false);
     // New connections are not cached: each write reads its head under the
     // lock first, on whichever pooled session is free.
     let writes: Vec<_> = (0..16)
@@ -413,4 +390,27 @@ async fn every_write_is_made_under_its_connections_lock() {
         db.query("SELECT held FROM lock_audit", &[]).await.unwrap().iter().map(|row| row.get(0)).collect();
     assert!(!held.is_empty(), "the trigger saw no write");
     assert!(held.iter().all(|&locks| locks > 0), "writes made without their connection's lock: {held:?}");
+}
+
+/// A merge setting stream `name` (no namespace) to `value`.
+fn set_stream(
+    name: &str,
+    value: u64,
+    guard: highwater::state::ops::Guard,
+    return_state: bool,
+) -> highwater::state::ops::WriteRequest {
+    use highwater::state::ops::{Meta, Operation, WriteRequest};
+    use highwater::state::{Blob, EntryKey, EntryOp, StateType, StateWrite, StreamDescriptor};
+    WriteRequest {
+        operation: Operation::Merge(StateWrite {
+            state_type: StateType::Stream,
+            ops: vec![EntryOp {
+                key: EntryKey::stream(StreamDescriptor { name: name.to_owned(), namespace: None }),
+                blob: Some(Blob::from_json(&value.to_string())),
+            }],
+        }),
+        guard,
+        meta: Meta::default(),
+        return_state,
+    }
 }
