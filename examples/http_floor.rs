@@ -49,8 +49,8 @@ struct ConnectionIdRequestBody {
 #[serde(rename_all = "camelCase")]
 struct ConnectionStateCreateOrUpdate {
     connection_id: uuid::Uuid,
-    #[allow(dead_code)]
-    connection_state: serde::de::IgnoredAny,
+    #[serde(rename = "connectionState")]
+    _connection_state: serde::de::IgnoredAny,
 }
 
 /// Answers `body` to a request that parses as `R`, 400 otherwise.
