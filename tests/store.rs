@@ -254,6 +254,45 @@ async fn pruning_keeps_every_kept_revision_readable_and_refuses_older_ones() {
 }
 
 #[tokio::test]
+async fn pruning_goes_in_bounded_steps_each_leaving_a_readable_history() {
+    use highwater::state::history::{Pruned, Retention};
+    let backend = backend().await;
+    let store = &backend.store;
+    let id = ConnectionId::random();
+    let mut seen = Vec::new();
+    for i in 0..20 {
+        // Streams come and go, so old change rows matter for revisions left.
+        let ops = match i % 3 {
+            0 => vec![stream(&format!("s{}", i % 4), Some(&i.to_string())), stream("keep", Some("1"))],
+            1 => vec![stream(&format!("s{}", (i + 1) % 4), None)],
+            _ => vec![stream(&format!("s{}", i % 4), Some("[1]"))],
+        };
+        seen.push(store.write(id, write(StateType::Stream, ops)).await.unwrap());
+    }
+    let current = seen.last().unwrap().revision;
+    let policy = Retention { keep_revisions: Some(5), keep_for: None };
+    let mut steps = Vec::new();
+    loop {
+        let step = store.prune_connection(id, policy, 4).await.unwrap();
+        steps.push(step);
+        // Whatever a step leaves is a history every revision of which reads
+        // as it was written.
+        let oldest = store.history(id, 100, None).await.unwrap().oldest.unwrap();
+        for state in seen.iter().filter(|s| s.revision >= oldest) {
+            assert_eq!(&store.read_at(id, Some(state.revision)).await.unwrap(), state);
+        }
+        if !step.more {
+            break;
+        }
+    }
+    // current - 5 revisions go: 4, 4, 4 and the last 3.
+    let removed: Vec<u64> = steps.iter().map(|step| step.removed).collect();
+    assert_eq!(removed, [4, 4, 4, current - 5 - 12]);
+    assert_eq!(store.history(id, 100, None).await.unwrap().oldest, Some(current - 4));
+    assert_eq!(store.prune_connection(id, policy, 4).await.unwrap(), Pruned { removed: 0, more: false });
+}
+
+#[tokio::test]
 async fn pruning_by_age_keeps_the_current_revision() {
     use highwater::state::history::Retention;
     let backend = backend().await;

@@ -70,6 +70,25 @@ pub struct Retention {
     pub keep_for: Option<Duration>,
 }
 
+/// Most revisions one pruning step removes. Each step is a transaction of
+/// its own, so a connection far past what the policy keeps is pruned in
+/// short steps that writes queue behind, not in one long one. Measured on
+/// SQLite after bench/'s large-state loads (20 s each), with 4 clients
+/// writing other connections during the prune: ~545k revisions of the
+/// 10,000-stream connection in one step took 1.7 s, the writes' p99 was
+/// 913 ms (max 1.36 s) and the process stayed 12 MiB larger; in steps of
+/// 5,000, 3.6 s in all, p99 25 ms (max 43 ms), 1 MiB larger.
+pub const PRUNE_STEP: u64 = 5_000;
+
+/// What one pruning step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    /// Revisions removed.
+    pub removed: u64,
+    /// Whether revisions the policy no longer keeps remain for a next step.
+    pub more: bool,
+}
+
 impl Retention {
     /// The oldest revision to keep for a connection at `current`, given the
     /// first revision created at or after the age cutoff (`None` when every
@@ -82,6 +101,15 @@ impl Retention {
         };
         by_count.max(by_age).min(current).max(1)
     }
+}
+
+/// The revision below which one pruning step removes history: `keep_from`
+/// (the policy's [`Retention::oldest_kept`]), but no more than `most`
+/// revisions past the `oldest` one still recorded. Pruning below it is
+/// pruning under a policy that keeps more, so every step leaves a valid
+/// history.
+pub fn step_horizon(keep_from: u64, oldest: Option<u64>, most: u64) -> u64 {
+    oldest.map_or(keep_from, |oldest| keep_from.min(oldest.saturating_add(most.max(1))))
 }
 
 #[cfg(test)]
@@ -141,5 +169,14 @@ mod tests {
     fn no_limits_keep_everything() {
         let keep = Retention { keep_revisions: None, keep_for: None };
         assert_eq!(keep.oldest_kept(100, None), 1);
+    }
+
+    #[test]
+    fn a_pruning_step_goes_at_most_its_size_past_the_oldest_revision() {
+        assert_eq!(step_horizon(9_000, Some(1), 5_000), 5_001);
+        assert_eq!(step_horizon(9_000, Some(5_001), 5_000), 9_000, "the last step stops at the policy's");
+        assert_eq!(step_horizon(9_000, Some(9_000), 5_000), 9_000, "nothing older to remove");
+        assert_eq!(step_horizon(9_000, None, 5_000), 9_000);
+        assert_eq!(step_horizon(9_000, Some(1), 0), 2, "a step removes at least one revision");
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::state::history::{History, Retention};
+use crate::state::history::{History, Pruned, Retention, PRUNE_STEP};
 use crate::state::ops::{Guard, Lease, LeaseOp, Meta, Operation, Refusal, WriteRequest};
 use crate::state::{Blob, ConnectionId, StateWrite, StoredState, StreamDescriptor, TypeConflict};
 use dump::ConnectionDump;
@@ -63,13 +63,15 @@ pub trait Store: Send + Sync {
     /// Live leases, of one connection or of all.
     async fn leases(&self, id: Option<ConnectionId>) -> Result<Vec<(ConnectionId, Lease)>, StoreError>;
 
-    /// Removes one connection's history that the policy no longer keeps,
-    /// briefly (or not at all, when the connection is busy). Returns the
-    /// revisions removed.
-    async fn prune_connection(&self, id: ConnectionId, policy: Retention) -> Result<u64, StoreError>;
+    /// One step of pruning a connection: removes the oldest of its
+    /// revisions that the policy no longer keeps, at most `most` of them
+    /// ([`step_horizon`](crate::state::history::step_horizon)), as one
+    /// short write of its own; nothing when the connection is busy.
+    async fn prune_connection(&self, id: ConnectionId, policy: Retention, most: u64) -> Result<Pruned, StoreError>;
 
-    /// Removes history the policy no longer keeps, a connection at a time,
-    /// never holding up writers for long. Returns the revisions removed.
+    /// Removes history the policy no longer keeps, a connection and
+    /// [`PRUNE_STEP`] revisions at a time, never holding up writers for
+    /// long. Returns the revisions removed.
     async fn prune(&self, policy: Retention) -> Result<u64, StoreError> {
         let mut removed = 0;
         let mut after = None;
@@ -79,7 +81,13 @@ pub trait Store: Send + Sync {
                 return Ok(removed);
             };
             for id in ids {
-                removed += self.prune_connection(id, policy).await?;
+                loop {
+                    let step = self.prune_connection(id, policy, PRUNE_STEP).await?;
+                    removed += step.removed;
+                    if !step.more {
+                        break;
+                    }
+                }
             }
             after = Some(last);
         }

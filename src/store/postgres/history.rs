@@ -4,7 +4,7 @@ use deadpool_postgres::GenericClient;
 
 use super::classify;
 use super::queries::{decode_key, exec, header, header_now_and_lease};
-use crate::state::history::{History, Retention, RevisionInfo};
+use crate::state::history::{step_horizon, History, Pruned, Retention, RevisionInfo};
 use crate::state::ops::{lease_transition, Lease, LeaseOp};
 use crate::state::{ConnectionId, StateType};
 use crate::store::StoreError;
@@ -115,16 +115,18 @@ pub async fn leases(
         .collect()
 }
 
-/// Removes one connection's history older than the policy keeps, in the
-/// caller's transaction. Returns the revisions removed.
+/// One step of pruning a connection, in the caller's transaction: removes
+/// its history older than the policy keeps, but at most `most` revisions,
+/// the oldest ([`step_horizon`]).
 pub async fn prune(
     tx: &deadpool_postgres::Transaction<'_>,
     id: ConnectionId,
     policy: Retention,
-) -> Result<u64, StoreError> {
+    most: u64,
+) -> Result<Pruned, StoreError> {
     let id_text = id.to_string();
     let Some(current) = header(tx, id).await?.map(|h| h.revision) else {
-        return Ok(0);
+        return Ok(Pruned { removed: 0, more: false });
     };
     let first_recent: Option<i64> = match policy.keep_for {
         None => None,
@@ -138,43 +140,47 @@ pub async fn prune(
             .map_err(classify)?
             .get(0),
     };
-    let keep_from = policy.oldest_kept(current, first_recent.map(|r| r as u64)) as i64;
+    let keep_from = policy.oldest_kept(current, first_recent.map(|r| r as u64));
+    let oldest: Option<i64> = tx
+        .query_one("SELECT min(revision) FROM revisions WHERE connection_id = $1", &[&id_text])
+        .await
+        .map_err(classify)?
+        .get(0);
+    let horizon = step_horizon(keep_from, oldest.map(|r| r as u64), most);
+    let more = horizon < keep_from;
+    let horizon = horizon as i64;
     let removed: i64 = tx
-        .query_one("SELECT count(*) FROM revisions WHERE connection_id = $1 AND revision < $2", &[&id_text, &keep_from])
+        .query_one("SELECT count(*) FROM revisions WHERE connection_id = $1 AND revision < $2", &[&id_text, &horizon])
         .await
         .map_err(classify)?
         .get(0);
     exec(
         tx,
-        // Every change older than its key's latest at or before the oldest
-        // kept revision: that one is still visible there.
+        // Every change older than its key's latest at or before the
+        // horizon: that one is still visible there.
         "DELETE FROM changes c USING ( \
            SELECT entry_key, max(revision) AS latest FROM changes \
            WHERE connection_id = $1 AND revision <= $2 GROUP BY entry_key) m \
          WHERE c.connection_id = $1 AND c.entry_key = m.entry_key AND c.revision < m.latest",
-        &[&id_text, &keep_from],
+        &[&id_text, &horizon],
     )
     .await?;
-    exec(
-        tx,
-        "DELETE FROM changes WHERE connection_id = $1 AND revision < $2 AND blob IS NULL",
-        &[&id_text, &keep_from],
-    )
-    .await?;
+    exec(tx, "DELETE FROM changes WHERE connection_id = $1 AND revision < $2 AND blob IS NULL", &[&id_text, &horizon])
+        .await?;
     // The revisions' own rows, and the metadata of the change rows kept
     // because they hold a current blob (migrations/postgres/0004).
     exec(
         tx,
         "DELETE FROM history WHERE connection_id = $1 AND revision < $2 AND entry_key = ''",
-        &[&id_text, &keep_from],
+        &[&id_text, &horizon],
     )
     .await?;
     exec(
         tx,
         "UPDATE history SET created_at_ms = NULL, state_type = NULL, actor = NULL, reason = NULL \
          WHERE connection_id = $1 AND revision < $2 AND created_at_ms IS NOT NULL",
-        &[&id_text, &keep_from],
+        &[&id_text, &horizon],
     )
     .await?;
-    Ok(removed as u64)
+    Ok(Pruned { removed: removed as u64, more })
 }

@@ -35,7 +35,7 @@ pub use schema::SchemaError;
 use super::cache::{StateCache, Update};
 use super::dump::ConnectionDump;
 use super::{Applied, LoadOutcome, Store, StoreError};
-use crate::state::history::{History, Retention};
+use crate::state::history::{History, Pruned, Retention};
 use crate::state::ops::{Lease, LeaseOp, WriteRequest};
 use crate::state::{Blob, ConnectionId, EntryKey, StoredState, StreamDescriptor};
 use batch::Batcher;
@@ -323,7 +323,7 @@ impl Store for PostgresStore {
         self.with_client(move |client| Box::pin(async move { history::leases(&*client, id).await })).await
     }
 
-    async fn prune_connection(&self, id: ConnectionId, policy: Retention) -> Result<u64, StoreError> {
+    async fn prune_connection(&self, id: ConnectionId, policy: Retention, most: u64) -> Result<Pruned, StoreError> {
         // Skip a connection being written now rather than wait for it.
         let node = self.node.clone();
         self.with_client(move |client| {
@@ -335,11 +335,11 @@ impl Store for PostgresStore {
                 let row =
                     tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&lock_key(id)]).await.map_err(classify)?;
                 if !row.get::<_, bool>(0) {
-                    return Ok(0);
+                    return Ok(Pruned { removed: 0, more: false });
                 }
-                let removed = history::prune(&tx, id, policy).await?;
+                let pruned = history::prune(&tx, id, policy, most).await?;
                 tx.commit().await.map_err(classify)?;
-                Ok(removed)
+                Ok(pruned)
             })
         })
         .await

@@ -4,7 +4,7 @@ use rusqlite::{params, Connection};
 
 use super::classify;
 use super::queries::{decode_key, exec, header, lease_row};
-use crate::state::history::{History, Retention, RevisionInfo};
+use crate::state::history::{step_horizon, History, Pruned, Retention, RevisionInfo};
 use crate::state::ops::{lease_transition, Lease, LeaseOp};
 use crate::state::{ConnectionId, StateType};
 use crate::store::StoreError;
@@ -111,13 +111,20 @@ pub fn leases(
     Ok(out)
 }
 
-/// Removes one connection's history older than the policy keeps. Change
-/// rows still visible at the oldest kept revision stay, so every kept
-/// revision can still be read and restored. Returns revisions removed.
-pub fn prune(conn: &Connection, id: ConnectionId, policy: Retention, now_ms: i64) -> Result<u64, StoreError> {
+/// One step of pruning a connection: removes its history older than the
+/// policy keeps, but at most `most` revisions, the oldest
+/// ([`step_horizon`]). Change rows still visible at the oldest revision
+/// left stay, so every revision left can still be read and restored.
+pub fn prune(
+    conn: &Connection,
+    id: ConnectionId,
+    policy: Retention,
+    now_ms: i64,
+    most: u64,
+) -> Result<Pruned, StoreError> {
     let key = id.to_bytes();
     let Some(current) = header(conn, id)?.map(|h| h.revision) else {
-        return Ok(0);
+        return Ok(Pruned { removed: 0, more: false });
     };
     let first_recent: Option<i64> = match policy.keep_for {
         None => None,
@@ -126,27 +133,34 @@ pub fn prune(conn: &Connection, id: ConnectionId, policy: Retention, now_ms: i64
             .and_then(|mut s| s.query_row(params![key, now_ms - age.as_millis() as i64], |r| r.get(0)))
             .map_err(classify)?,
     };
-    let keep_from = policy.oldest_kept(current, first_recent.map(|r| r as u64)) as i64;
+    let keep_from = policy.oldest_kept(current, first_recent.map(|r| r as u64));
+    let oldest: Option<i64> = conn
+        .prepare_cached("SELECT min(revision) FROM revisions WHERE connection_id = ?1")
+        .and_then(|mut s| s.query_row(params![key], |r| r.get(0)))
+        .map_err(classify)?;
+    let horizon = step_horizon(keep_from, oldest.map(|r| r as u64), most);
+    let more = horizon < keep_from;
+    let horizon = horizon as i64;
     // The views `changes` and `revisions` cannot be deleted from: the rows
     // go from `history` (migrations/sqlite/0004), revision rows being those
     // with the entry key ''.
     exec(
         conn,
-        // Older than the oldest kept revision and not a key's latest change
-        // up to it (SQLite takes the bare rowid from the row of the max).
+        // Older than the horizon and not a key's latest change up to it
+        // (SQLite takes the bare rowid from the row of the max).
         "DELETE FROM history WHERE connection_id = ?1 AND revision < ?2 AND entry_key <> '' AND rowid NOT IN ( \
            SELECT rowid FROM (SELECT rowid, max(revision) FROM history \
              WHERE connection_id = ?1 AND revision <= ?2 AND entry_key <> '' GROUP BY entry_key))",
-        params![key, keep_from],
+        params![key, horizon],
     )?;
     exec(
         conn,
         "DELETE FROM history WHERE connection_id = ?1 AND revision < ?2 AND entry_key <> '' AND blob IS NULL",
-        params![key, keep_from],
+        params![key, horizon],
     )?;
     let removed = conn
         .prepare_cached("DELETE FROM history WHERE connection_id = ?1 AND revision < ?2 AND entry_key = ''")
-        .and_then(|mut s| s.execute(params![key, keep_from]))
+        .and_then(|mut s| s.execute(params![key, horizon]))
         .map_err(classify)?;
-    Ok(removed as u64)
+    Ok(Pruned { removed: removed as u64, more })
 }

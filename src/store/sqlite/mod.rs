@@ -37,7 +37,7 @@ use self::sync::{Durability, Finished, Syncer};
 use super::cache::{GroupStates, StateCache, Update};
 use super::dump::ConnectionDump;
 use super::{Applied, LoadOutcome, Store, StoreError};
-use crate::state::history::{History, Retention};
+use crate::state::history::{History, Pruned, Retention};
 use crate::state::ops::{Lease, LeaseOp, WriteRequest};
 use crate::state::{Blob, ConnectionId, EntryKey, StoredState, StreamDescriptor};
 
@@ -343,9 +343,9 @@ impl Store for SqliteStore {
         self.with_reader(move |conn| history::leases(conn, id, now_ms())).await
     }
 
-    async fn prune_connection(&self, id: ConnectionId, policy: Retention) -> Result<u64, StoreError> {
-        // One short writer job per connection: writers queue behind at most one.
-        self.submit(move |conn| history::prune(conn, id, policy, now_ms())).await
+    async fn prune_connection(&self, id: ConnectionId, policy: Retention, most: u64) -> Result<Pruned, StoreError> {
+        // One short writer job per step: writers queue behind at most one.
+        self.submit(move |conn| history::prune(conn, id, policy, now_ms(), most)).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
