@@ -70,9 +70,10 @@ pub struct Retention {
     pub keep_for: Option<Duration>,
 }
 
-/// Most revisions one pruning step removes. Each step is a transaction of
-/// its own, so a connection far past what the policy keeps is pruned in
-/// short steps that writes queue behind, not in one long one. Measured on
+/// Most revisions one pruning step removes. Each step is a write of its
+/// own (a transaction on PostgreSQL, a job of SQLite's writer), so a
+/// connection far past what the policy keeps is pruned in short steps
+/// that writes queue behind, not in one long one. Measured on
 /// SQLite after bench/'s large-state loads (20 s each), with 4 clients
 /// writing other connections during the prune: ~545k revisions of the
 /// 10,000-stream connection in one step took 1.7 s, the writes' p99 was
