@@ -211,6 +211,22 @@ async fn ping_answers_when_the_store_is_open() {
     backend.store.ping().await.unwrap();
 }
 
+/// Twenty changing writes to `id` in which streams come and go, so that
+/// old change rows matter for the revisions a prune keeps; each state as
+/// written.
+async fn twenty_revisions(store: &dyn Store, id: ConnectionId) -> Vec<Arc<highwater::state::StoredState>> {
+    let mut seen = Vec::new();
+    for i in 0..20 {
+        let ops = match i % 3 {
+            0 => vec![stream(&format!("s{}", i % 4), Some(&i.to_string())), stream("keep", Some("1"))],
+            1 => vec![stream(&format!("s{}", (i + 1) % 4), None)],
+            _ => vec![stream(&format!("s{}", i % 4), Some("[1]"))],
+        };
+        seen.push(store.write(id, write(StateType::Stream, ops)).await.unwrap());
+    }
+    seen
+}
+
 #[tokio::test]
 async fn pruning_keeps_every_kept_revision_readable_and_refuses_older_ones() {
     use highwater::state::history::Retention;
@@ -218,17 +234,7 @@ async fn pruning_keeps_every_kept_revision_readable_and_refuses_older_ones() {
     let backend = backend().await;
     let store = &backend.store;
     let id = ConnectionId::random();
-    let mut seen = Vec::new();
-    for i in 0..20 {
-        // Streams come and go, so old change rows matter for kept revisions.
-        let ops = match i % 3 {
-            0 => vec![stream(&format!("s{}", i % 4), Some(&i.to_string())), stream("keep", Some("1"))],
-            1 => vec![stream(&format!("s{}", (i + 1) % 4), None)],
-            _ => vec![stream(&format!("s{}", i % 4), Some("[1]"))],
-        };
-        let state = store.write(id, write(StateType::Stream, ops)).await.unwrap();
-        seen.push(state);
-    }
+    let seen = twenty_revisions(store.as_ref(), id).await;
     let current = seen.last().unwrap().revision;
     let removed = store.prune(Retention { keep_revisions: Some(5), keep_for: None }).await.unwrap();
     assert!(removed > 0);
@@ -259,16 +265,7 @@ async fn pruning_goes_in_bounded_steps_each_leaving_a_readable_history() {
     let backend = backend().await;
     let store = &backend.store;
     let id = ConnectionId::random();
-    let mut seen = Vec::new();
-    for i in 0..20 {
-        // Streams come and go, so old change rows matter for revisions left.
-        let ops = match i % 3 {
-            0 => vec![stream(&format!("s{}", i % 4), Some(&i.to_string())), stream("keep", Some("1"))],
-            1 => vec![stream(&format!("s{}", (i + 1) % 4), None)],
-            _ => vec![stream(&format!("s{}", i % 4), Some("[1]"))],
-        };
-        seen.push(store.write(id, write(StateType::Stream, ops)).await.unwrap());
-    }
+    let seen = twenty_revisions(store.as_ref(), id).await;
     let current = seen.last().unwrap().revision;
     let policy = Retention { keep_revisions: Some(5), keep_for: None };
     let mut steps = Vec::new();
