@@ -10,6 +10,10 @@ die() {
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
+# pg_drop SERVER_URL DATABASE: drops a scratch database, even with sessions
+# left on it; fails quietly (the status tells).
+pg_drop() { psql "$1/postgres" -Atqc "DROP DATABASE IF EXISTS $2 WITH (FORCE)" >/dev/null 2>&1; }
+
 # wait_http PORT PID LOG [SECONDS]: until GET /api/v1/health on PORT answers
 # 200; dies, pointing at the server's LOG, if PID exits or SECONDS (60) pass.
 wait_http() {
