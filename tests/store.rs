@@ -290,6 +290,30 @@ async fn pruning_goes_in_bounded_steps_each_leaving_a_readable_history() {
 }
 
 #[tokio::test]
+async fn a_connection_within_its_limits_is_passed_over_and_pruned_again_once_past_them() {
+    use highwater::state::history::{Pruned, Retention};
+    let backend = backend().await;
+    let store = &backend.store;
+    let id = ConnectionId::random();
+    let policy = Retention { keep_revisions: Some(5), keep_for: None };
+    let mut seen = twenty_revisions(store.as_ref(), id).await;
+    store.prune(policy).await.unwrap();
+    let before = store.dump(id).await.unwrap().unwrap().to_line().unwrap();
+    // Within its limits: nothing removed, the record exactly as it was.
+    assert_eq!(store.prune_connection(id, policy, 4).await.unwrap(), Pruned { removed: 0, more: false });
+    assert_eq!(store.dump(id).await.unwrap().unwrap().to_line().unwrap(), before);
+    // Past them again, by twenty revisions: those twenty go, and every
+    // revision kept still reads as it was written.
+    seen.extend(twenty_revisions(store.as_ref(), id).await);
+    let current = seen.last().unwrap().revision;
+    assert_eq!(store.prune(policy).await.unwrap(), 20);
+    assert_eq!(store.history(id, 100, None).await.unwrap().oldest, Some(current - 4));
+    for state in seen.iter().filter(|s| s.revision >= current - 4) {
+        assert_eq!(&store.read_at(id, Some(state.revision)).await.unwrap(), state);
+    }
+}
+
+#[tokio::test]
 async fn pruning_by_age_keeps_the_current_revision() {
     use highwater::state::history::Retention;
     let backend = backend().await;

@@ -81,7 +81,10 @@ async fn prune_history(store: Arc<dyn Store>, policy: Retention, interval_secs: 
         ticks.tick().await;
         let started = std::time::Instant::now();
         match store.prune(policy).await {
-            Ok(0) => tracing::debug!("history pruning found nothing to remove"),
+            Ok(0) => tracing::debug!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "history pruning found nothing to remove"
+            ),
             Ok(removed) => tracing::info!(removed, elapsed_ms = started.elapsed().as_millis() as u64, "pruned history"),
             Err(error) => tracing::warn!(%error, "history pruning failed; retrying at the next interval"),
         }

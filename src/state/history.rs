@@ -109,8 +109,18 @@ impl Retention {
 /// revisions past the `oldest` one still recorded. Pruning below it is
 /// pruning under a policy that keeps more, so every step leaves a valid
 /// history.
-pub fn step_horizon(keep_from: u64, oldest: Option<u64>, most: u64) -> u64 {
-    oldest.map_or(keep_from, |oldest| keep_from.min(oldest.saturating_add(most.max(1))))
+///
+/// `None` when no recorded revision is older than `keep_from`: then there
+/// is nothing to remove, since a step leaves below its horizon only each
+/// key's change still visible there, and a connection under its limits
+/// (the common case) is passed over without a write. With no revision
+/// recorded (`oldest` is `None`), the step goes to `keep_from`.
+pub fn step_horizon(keep_from: u64, oldest: Option<u64>, most: u64) -> Option<u64> {
+    match oldest {
+        Some(oldest) if oldest >= keep_from => None,
+        Some(oldest) => Some(keep_from.min(oldest.saturating_add(most.max(1)))),
+        None => Some(keep_from),
+    }
 }
 
 #[cfg(test)]
@@ -174,10 +184,12 @@ mod tests {
 
     #[test]
     fn a_pruning_step_goes_at_most_its_size_past_the_oldest_revision() {
-        assert_eq!(step_horizon(9_000, Some(1), 5_000), 5_001);
-        assert_eq!(step_horizon(9_000, Some(5_001), 5_000), 9_000, "the last step stops at the policy's");
-        assert_eq!(step_horizon(9_000, Some(9_000), 5_000), 9_000, "nothing older to remove");
-        assert_eq!(step_horizon(9_000, None, 5_000), 9_000);
-        assert_eq!(step_horizon(9_000, Some(1), 0), 2, "a step removes at least one revision");
+        assert_eq!(step_horizon(9_000, Some(1), 5_000), Some(5_001));
+        assert_eq!(step_horizon(9_000, Some(5_001), 5_000), Some(9_000), "the last step stops at the policy's");
+        assert_eq!(step_horizon(9_000, Some(8_999), 5_000), Some(9_000));
+        assert_eq!(step_horizon(9_000, Some(9_000), 5_000), None, "nothing older to remove");
+        assert_eq!(step_horizon(9_000, Some(9_500), 5_000), None);
+        assert_eq!(step_horizon(9_000, None, 5_000), Some(9_000));
+        assert_eq!(step_horizon(9_000, Some(1), 0), Some(2), "a step removes at least one revision");
     }
 }

@@ -115,6 +115,39 @@ pub async fn leases(
         .collect()
 }
 
+/// Where one step of pruning a connection would stop ([`step_horizon`]),
+/// and the revision the policy keeps from; `None` when nothing is to be
+/// removed. One round trip, readable outside a transaction: the pruning
+/// pass asks it first, and so passes over a connection under its limits
+/// (the common case) without a write.
+pub async fn horizon(
+    client: &impl GenericClient,
+    id: ConnectionId,
+    policy: Retention,
+    most: u64,
+) -> Result<Option<(u64, u64)>, StoreError> {
+    // With no age limit the cutoff is never reached: first_recent is NULL
+    // and unused.
+    let age_ms = policy.keep_for.map_or(-1, |age| age.as_millis() as i64);
+    let row = client
+        .query_one(
+            "SELECT (SELECT revision FROM connections WHERE connection_id = $1), \
+               (SELECT min(revision) FROM revisions WHERE connection_id = $1 AND $2::int8 >= 0 \
+                  AND created_at_ms >= (extract(epoch FROM clock_timestamp()) * 1000)::bigint - $2), \
+               (SELECT min(revision) FROM revisions WHERE connection_id = $1)",
+            &[&id.to_string(), &age_ms],
+        )
+        .await
+        .map_err(classify)?;
+    let Some(current) = row.get::<_, Option<i64>>(0) else {
+        return Ok(None);
+    };
+    let first_recent: Option<i64> = row.get(1);
+    let oldest: Option<i64> = row.get(2);
+    let keep_from = policy.oldest_kept(current as u64, first_recent.map(|r| r as u64));
+    Ok(step_horizon(keep_from, oldest.map(|r| r as u64), most).map(|horizon| (horizon, keep_from)))
+}
+
 /// One step of pruning a connection, in the caller's transaction: removes
 /// its history older than the policy keeps, but at most `most` revisions,
 /// the oldest ([`step_horizon`]).
@@ -125,28 +158,9 @@ pub async fn prune(
     most: u64,
 ) -> Result<Pruned, StoreError> {
     let id_text = id.to_string();
-    let Some(current) = header(tx, id).await?.map(|h| h.revision) else {
+    let Some((horizon, keep_from)) = horizon(tx, id, policy, most).await? else {
         return Ok(Pruned { removed: 0, more: false });
     };
-    let first_recent: Option<i64> = match policy.keep_for {
-        None => None,
-        Some(age) => tx
-            .query_one(
-                "SELECT min(revision) FROM revisions WHERE connection_id = $1 \
-                 AND created_at_ms >= (extract(epoch FROM clock_timestamp()) * 1000)::bigint - $2",
-                &[&id_text, &(age.as_millis() as i64)],
-            )
-            .await
-            .map_err(classify)?
-            .get(0),
-    };
-    let keep_from = policy.oldest_kept(current, first_recent.map(|r| r as u64));
-    let oldest: Option<i64> = tx
-        .query_one("SELECT min(revision) FROM revisions WHERE connection_id = $1", &[&id_text])
-        .await
-        .map_err(classify)?
-        .get(0);
-    let horizon = step_horizon(keep_from, oldest.map(|r| r as u64), most);
     let more = horizon < keep_from;
     let horizon = horizon as i64;
     let removed: i64 = tx

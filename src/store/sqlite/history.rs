@@ -138,7 +138,9 @@ pub fn prune(
         .prepare_cached("SELECT min(revision) FROM revisions WHERE connection_id = ?1")
         .and_then(|mut s| s.query_row(params![key], |r| r.get(0)))
         .map_err(classify)?;
-    let horizon = step_horizon(keep_from, oldest.map(|r| r as u64), most);
+    let Some(horizon) = step_horizon(keep_from, oldest.map(|r| r as u64), most) else {
+        return Ok(Pruned { removed: 0, more: false });
+    };
     let more = horizon < keep_from;
     let horizon = horizon as i64;
     // The views `changes` and `revisions` cannot be deleted from: the rows
