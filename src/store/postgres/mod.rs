@@ -331,8 +331,9 @@ impl Store for PostgresStore {
                 // Most connections have nothing to remove: asked first, in
                 // one round trip and no transaction (asked again under the
                 // lock below). A pass over 1000 connections with nothing to
-                // remove took 2.7 s before, 0.93 s with the check made in
-                // the transaction below.
+                // remove: 2.7 s when each opened the transaction and ran the
+                // deletes, 0.93 s when it returned early inside the
+                // transaction, 0.25-0.39 s asked here.
                 if history::horizon(&*client, id, policy, most).await?.is_none() {
                     return Ok(Pruned { removed: 0, more: false });
                 }
