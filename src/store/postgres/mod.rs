@@ -296,8 +296,9 @@ impl Store for PostgresStore {
 
     async fn apply(&self, id: ConnectionId, request: WriteRequest) -> Result<Applied, StoreError> {
         let applied = {
-            let _queued = self.writers.lock(id).await;
-            self.batcher.apply(id, request).await
+            // Shared with the write's job (batch.rs, `Batcher::apply`).
+            let writer = Arc::new(self.writers.lock(id).await);
+            self.batcher.apply(id, request, writer.clone()).await
         };
         // Letting go of the lock woke its next waiter, if any, into this
         // worker's LIFO slot, where it runs only once this task yields; the
