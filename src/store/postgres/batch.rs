@@ -203,13 +203,15 @@ impl Batcher {
     /// it, so the next write of the connection is planned on what that one
     /// left, and a batch meets at most one write per connection.
     ///
-    /// Before, the lock went with the caller. When wrk's runs ended with
-    /// requests in flight, the next write of a connection went in the other
-    /// batch, on the head as it was before the abandoned one: the database
-    /// refused it as stale, and the connection was taken for one written
-    /// by another node ([`Shared`]), every later write of it reading the
-    /// heads first: bench/'s `create_or_update` of one stream of a
-    /// 10,000-stream connection on PostgreSQL fell from ~1200 to ~880
+    /// Before, the lock went with the caller. When a client went away
+    /// mid-write (reproduced with clients that give up after 10 ms; in
+    /// bench/ the drops came as a wrk run started, after the previous run's
+    /// end left requests in flight), the next write of the connection went
+    /// in the other batch, on the head as it was before the abandoned one:
+    /// the database refused it as stale, and the connection was taken for
+    /// one written by another node ([`Shared`]), every later write of it
+    /// reading the heads first: bench/'s `create_or_update` of one stream
+    /// of a 10,000-stream connection on PostgreSQL fell from ~1200 to ~880
     /// writes/s and stayed there (in 3 of 5 by-hand runs, and in the last
     /// round of two bench/run runs).
     pub async fn apply(
