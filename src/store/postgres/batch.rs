@@ -1186,6 +1186,28 @@ mod tests {
         assert_eq!(next.await.unwrap().0.len(), 1);
     }
 
+    #[tokio::test]
+    async fn a_write_whose_caller_gave_up_keeps_its_connection_until_its_job_is_done() {
+        let (queue, mut jobs) = mpsc::channel(16);
+        let batcher = Batcher { queue };
+        let writers = KeyedLock::default();
+        let id = ConnectionId::random();
+        let short = Duration::from_millis(20);
+        let waiting = job(id).await;
+        {
+            // The caller queues its write, then goes away before an answer.
+            let writer = Arc::new(writers.lock(id).await);
+            let apply = batcher.apply(id, waiting.request, writer.clone());
+            assert!(tokio::time::timeout(short, apply).await.is_err());
+        }
+        // The write is still to be committed: the connection's next writer waits.
+        let queued = jobs.recv().await.unwrap();
+        assert!(tokio::time::timeout(short, writers.lock(id)).await.is_err(), "the lock went with the caller");
+        // Its batch done, the job lets go.
+        drop(queued);
+        tokio::time::timeout(short, writers.lock(id)).await.unwrap();
+    }
+
     #[test]
     fn pairs_lists_every_key_of_every_connection_in_order() {
         let ids = vec!["a".to_owned(), "b".to_owned()];
