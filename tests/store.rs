@@ -227,6 +227,19 @@ async fn twenty_revisions(store: &dyn Store, id: ConnectionId) -> Vec<Arc<highwa
     seen
 }
 
+/// Every state in `seen` from revision `from` on reads back, at its
+/// revision, as it was written.
+async fn assert_reads_as_written(
+    store: &dyn Store,
+    id: ConnectionId,
+    seen: &[Arc<highwater::state::StoredState>],
+    from: u64,
+) {
+    for state in seen.iter().filter(|s| s.revision >= from) {
+        assert_eq!(&store.read_at(id, Some(state.revision)).await.unwrap(), state);
+    }
+}
+
 #[tokio::test]
 async fn pruning_keeps_every_kept_revision_readable_and_refuses_older_ones() {
     use highwater::state::history::Retention;
@@ -240,9 +253,7 @@ async fn pruning_keeps_every_kept_revision_readable_and_refuses_older_ones() {
     assert!(removed > 0);
     let history = store.history(id, 100, None).await.unwrap();
     assert_eq!(history.oldest, Some(current - 4));
-    for state in seen.iter().filter(|s| s.revision >= current - 4) {
-        assert_eq!(&store.read_at(id, Some(state.revision)).await.unwrap(), state);
-    }
+    assert_reads_as_written(store.as_ref(), id, &seen, current - 4).await;
     let pruned = store.read_at(id, Some(current - 5)).await;
     assert!(matches!(pruned, Err(StoreError::Refused(Refusal::RevisionPruned { .. }))), "{pruned:?}");
     // A kept revision can still be restored, and the record still exports.
@@ -275,9 +286,7 @@ async fn pruning_goes_in_bounded_steps_each_leaving_a_readable_history() {
         // Whatever a step leaves is a history every revision of which reads
         // as it was written.
         let oldest = store.history(id, 100, None).await.unwrap().oldest.unwrap();
-        for state in seen.iter().filter(|s| s.revision >= oldest) {
-            assert_eq!(&store.read_at(id, Some(state.revision)).await.unwrap(), state);
-        }
+        assert_reads_as_written(store.as_ref(), id, &seen, oldest).await;
         if !step.more {
             break;
         }
@@ -308,9 +317,7 @@ async fn a_connection_within_its_limits_is_passed_over_and_pruned_again_once_pas
     let current = seen.last().unwrap().revision;
     assert_eq!(store.prune(policy).await.unwrap(), 20);
     assert_eq!(store.history(id, 100, None).await.unwrap().oldest, Some(current - 4));
-    for state in seen.iter().filter(|s| s.revision >= current - 4) {
-        assert_eq!(&store.read_at(id, Some(state.revision)).await.unwrap(), state);
-    }
+    assert_reads_as_written(store.as_ref(), id, &seen, current - 4).await;
 }
 
 #[tokio::test]
