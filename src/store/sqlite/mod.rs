@@ -412,6 +412,9 @@ fn write_loop(
                 Err(_) => break,
             }
         }
+        if checkpointer.tail_wanted() {
+            checkpoint::tail(&conn);
+        }
         seq += 1;
         states.begin(seq);
         let (writes, started) = (group.len(), std::time::Instant::now());
