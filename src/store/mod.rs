@@ -69,6 +69,18 @@ pub trait Store: Send + Sync {
     /// short write of its own; nothing when the connection is busy.
     async fn prune_connection(&self, id: ConnectionId, policy: Retention, most: u64) -> Result<Pruned, StoreError>;
 
+    /// Those of `ids` that may have history to remove under `policy`, in
+    /// steps of `most`: all of them unless a backend can tell more cheaply
+    /// in one go than [`Self::prune_connection`] one by one.
+    async fn due_for_pruning(
+        &self,
+        ids: &[ConnectionId],
+        _policy: Retention,
+        _most: u64,
+    ) -> Result<Vec<ConnectionId>, StoreError> {
+        Ok(ids.to_vec())
+    }
+
     /// Removes history the policy no longer keeps, a connection and
     /// [`PRUNE_STEP`] revisions at a time, never holding up writers for
     /// long. Returns the revisions removed.
@@ -80,7 +92,7 @@ pub trait Store: Send + Sync {
             let Some(last) = ids.last().copied() else {
                 return Ok(removed);
             };
-            for id in ids {
+            for id in self.due_for_pruning(&ids, policy, PRUNE_STEP).await? {
                 loop {
                     let step = self.prune_connection(id, policy, PRUNE_STEP).await?;
                     removed += step.removed;

@@ -115,6 +115,30 @@ pub async fn leases(
         .collect()
 }
 
+/// What decides where pruning a connection `c` stops, after the columns
+/// before it: its current revision, its first revision recent enough to
+/// keep by age (`$2`, the policy's age in milliseconds, -1 for none: then
+/// NULL and unused), and its oldest recorded revision.
+const HORIZON_COLUMNS: &str = "c.revision, \
+   (SELECT min(revision) FROM revisions r WHERE r.connection_id = c.connection_id AND $2::int8 >= 0 \
+      AND r.created_at_ms >= (extract(epoch FROM clock_timestamp()) * 1000)::bigint - $2), \
+   (SELECT min(revision) FROM revisions r WHERE r.connection_id = c.connection_id)";
+
+/// The policy's age limit as `$2` of [`HORIZON_COLUMNS`].
+fn age_ms(policy: Retention) -> i64 {
+    policy.keep_for.map_or(-1, |age| age.as_millis() as i64)
+}
+
+/// [`step_horizon`] and the revision the policy keeps from, from the
+/// [`HORIZON_COLUMNS`] of `row` starting at column `at`.
+fn horizon_from(row: &tokio_postgres::Row, at: usize, policy: Retention, most: u64) -> Option<(u64, u64)> {
+    let current: i64 = row.get(at);
+    let first_recent: Option<i64> = row.get(at + 1);
+    let oldest: Option<i64> = row.get(at + 2);
+    let keep_from = policy.oldest_kept(current as u64, first_recent.map(|r| r as u64));
+    step_horizon(keep_from, oldest.map(|r| r as u64), most).map(|horizon| (horizon, keep_from))
+}
+
 /// Where one step of pruning a connection would stop ([`step_horizon`]),
 /// and the revision the policy keeps from; `None` when nothing is to be
 /// removed. One round trip, readable outside a transaction: the pruning
@@ -126,26 +150,45 @@ pub async fn horizon(
     policy: Retention,
     most: u64,
 ) -> Result<Option<(u64, u64)>, StoreError> {
-    // With no age limit the cutoff is never reached: first_recent is NULL
-    // and unused.
-    let age_ms = policy.keep_for.map_or(-1, |age| age.as_millis() as i64);
     let row = client
-        .query_one(
-            "SELECT (SELECT revision FROM connections WHERE connection_id = $1), \
-               (SELECT min(revision) FROM revisions WHERE connection_id = $1 AND $2::int8 >= 0 \
-                  AND created_at_ms >= (extract(epoch FROM clock_timestamp()) * 1000)::bigint - $2), \
-               (SELECT min(revision) FROM revisions WHERE connection_id = $1)",
-            &[&id.to_string(), &age_ms],
+        .query_opt(
+            &format!("SELECT {HORIZON_COLUMNS} FROM connections c WHERE c.connection_id = $1"),
+            &[&id.to_string(), &age_ms(policy)],
         )
         .await
         .map_err(classify)?;
-    let Some(current) = row.get::<_, Option<i64>>(0) else {
-        return Ok(None);
-    };
-    let first_recent: Option<i64> = row.get(1);
-    let oldest: Option<i64> = row.get(2);
-    let keep_from = policy.oldest_kept(current as u64, first_recent.map(|r| r as u64));
-    Ok(step_horizon(keep_from, oldest.map(|r| r as u64), most).map(|horizon| (horizon, keep_from)))
+    Ok(row.and_then(|row| horizon_from(&row, 0, policy, most)))
+}
+
+/// Those of `ids` with history to remove ([`horizon`]), in one round trip
+/// for all of them.
+pub async fn due(
+    client: &impl GenericClient,
+    ids: &[ConnectionId],
+    policy: Retention,
+    most: u64,
+) -> Result<Vec<ConnectionId>, StoreError> {
+    let texts: Vec<String> = ids.iter().map(ConnectionId::to_string).collect();
+    let rows = client
+        .query(
+            &format!(
+                "SELECT c.connection_id, {HORIZON_COLUMNS} FROM connections c \
+                 WHERE c.connection_id = ANY($1::text[])"
+            ),
+            &[&texts, &age_ms(policy)],
+        )
+        .await
+        .map_err(classify)?;
+    let mut due = Vec::new();
+    for row in rows.iter().filter(|row| horizon_from(row, 1, policy, most).is_some()) {
+        let text: String = row.get(0);
+        due.push(
+            ConnectionId::parse(&text).ok_or_else(|| StoreError::Internal(format!("stored connection id {text:?}")))?,
+        );
+    }
+    // Ascending, as the pass lists them.
+    due.sort_unstable();
+    Ok(due)
 }
 
 /// One step of pruning a connection, in the caller's transaction: removes
