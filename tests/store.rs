@@ -348,6 +348,40 @@ async fn the_connections_due_for_pruning_include_every_one_past_its_limits() {
 }
 
 #[tokio::test]
+async fn writes_that_do_not_return_the_state_build_on_each_other_and_read_as_recorded() {
+    use highwater::state::ops::{Guard, Meta, Operation, WriteRequest};
+    let backend = backend().await;
+    let store = &backend.store;
+    let id = ConnectionId::random();
+    let set = |i: usize| WriteRequest {
+        operation: Operation::Merge(write(
+            StateType::Stream,
+            vec![stream(&format!("s{}", i % 4), Some(&i.to_string()))],
+        )),
+        guard: Guard::default(),
+        meta: Meta::default(),
+        return_state: false,
+    };
+    let mut written = 0;
+    for round in 0..8 {
+        // The first write finds the connection not cached: on PostgreSQL
+        // it is then read into the cache in the background, and the next
+        // writes build on that. Later rounds find it cached by the read
+        // that ends the round before.
+        for i in 0..3 {
+            written += 1;
+            let applied = store.apply(id, set(round * 3 + i)).await.unwrap();
+            assert_eq!(applied.revision, written);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let current = store.read(id).await.unwrap();
+        let recorded = store.read_at(id, Some(written)).await.unwrap();
+        assert_eq!(current, recorded, "round {round}");
+        assert_eq!(current.entries.len(), (round * 3 + 3).min(4));
+    }
+}
+
+#[tokio::test]
 async fn pruning_by_age_keeps_the_current_revision() {
     use highwater::state::history::Retention;
     let backend = backend().await;

@@ -261,6 +261,30 @@ impl StateCache {
         }
     }
 
+    /// Whether the cache keeps anything (a budget of 0 keeps nothing).
+    pub fn enabled(&self) -> bool {
+        self.budget > 0
+    }
+
+    /// Whether the cache would keep `cached`: it keeps nothing larger than
+    /// a quarter of its budget.
+    pub fn fits(&self, cached: &Cached) -> bool {
+        weight(&cached.state) <= self.budget / 4
+    }
+
+    /// [`Self::put`], unless the cache was reset after `mark` was taken.
+    /// Only for a reader that held the connection's write lock from before
+    /// `mark` until now: no write of it was made or reported meanwhile, so
+    /// what it read is current even where [`Self::put_unless_changed`]
+    /// must assume a commit reported since could be of it.
+    pub fn put_locked(&self, id: ConnectionId, version: Version, cached: Cached, mark: Mark) {
+        if let Ok(mut inner) = self.inner.lock() {
+            if inner.resets == mark.resets {
+                inner.put(id, version, cached, self.budget);
+            }
+        }
+    }
+
     /// [`Self::committed`] for writes that began at `mark`: after a reset
     /// since, their connections are forgotten instead, because the state
     /// they started from may not have been the current one.
@@ -591,6 +615,27 @@ mod tests {
         assert!(cache.current(read).is_none(), "a strict read kept across a commit");
         cache.put_unless_changed(read, V1, state(10), after, false);
         assert!(cache.current(read).is_some());
+    }
+
+    #[test]
+    fn a_read_under_the_connections_lock_is_kept_across_other_commits_but_not_a_reset() {
+        let cache = StateCache::new(1 << 20);
+        let (id, other) = (ConnectionId::random(), ConnectionId::random());
+        cache.trust();
+        // Other connections' commits while it read: kept, where a reader
+        // without the lock is not.
+        let read_from = cache.mark();
+        cache.committed([(other, Update::Forget)]);
+        cache.put_locked(id, V1, state(10), read_from);
+        assert!(cache.current(id).is_some());
+        // A reset while it read (trust taken again): not kept.
+        cache.forget(id);
+        let read_from = cache.mark();
+        cache.trust();
+        cache.put_locked(id, V1, state(10), read_from);
+        assert!(cache.current(id).is_none(), "a read from before a reset was kept");
+        assert!(cache.enabled() && cache.fits(&state(10)) && !cache.fits(&state(1 << 19)));
+        assert!(!StateCache::new(0).enabled());
     }
 
     #[test]

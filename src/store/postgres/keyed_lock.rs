@@ -12,6 +12,13 @@ pub struct KeyedLock<K> {
     locks: Arc<Mutex<HashMap<K, Arc<AsyncMutex<()>>>>>,
 }
 
+/// Another handle on the same locks.
+impl<K> Clone for KeyedLock<K> {
+    fn clone(&self) -> Self {
+        Self { locks: self.locks.clone() }
+    }
+}
+
 impl<K> Default for KeyedLock<K> {
     fn default() -> Self {
         Self { locks: Arc::default() }

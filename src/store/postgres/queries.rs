@@ -10,7 +10,7 @@ use deadpool_postgres::GenericClient;
 use super::classify;
 use crate::state::ops::{Lease, PastState, Refusal};
 use crate::state::{Blob, ConnectionId, EntryKey, StateType, StoredState};
-use crate::store::cache::{Cached, Header, StateCache};
+use crate::store::cache::{Cached, Header, StateCache, Version};
 use crate::store::StoreError;
 
 /// One statement, one snapshot: the header and every entry (in no order).
@@ -63,10 +63,23 @@ pub async fn read_whole_state(
     strict: bool,
 ) -> Result<Cached, StoreError> {
     let mark = cache.mark();
+    let Some((version, cached)) = read_whole(client, id).await? else {
+        return Ok(Cached { state: Arc::default(), positions: Arc::default() });
+    };
+    cache.put_unless_changed(id, version, cached.clone(), mark, strict);
+    Ok(cached)
+}
+
+/// The whole current state of a connection and its version, in one
+/// statement; `None` for a connection never written.
+pub async fn read_whole(
+    client: &impl GenericClient,
+    id: ConnectionId,
+) -> Result<Option<(Version, Cached)>, StoreError> {
     let statement = client.prepare_cached(READ_STATE).await.map_err(classify)?;
     let rows = client.query(&statement, &[&id.to_string()]).await.map_err(classify)?;
     let Some(first) = rows.first() else {
-        return Ok(Cached { state: Arc::default(), positions: Arc::default() });
+        return Ok(None);
     };
     // The whole version, next position included: a header check compares
     // all of it, and with a position of 0 a state read here never matched
@@ -78,8 +91,7 @@ pub async fn read_whole_state(
         epoch: first.get(2),
     };
     let cached = in_order(entries_from(rows, 4, id)?, header.state_type, header.revision);
-    cache.put_unless_changed(id, header.version(), cached.clone(), mark, strict);
-    Ok(cached)
+    Ok(Some((header.version(), cached)))
 }
 
 /// Every entry of a connection, in no order, read with the statement's
