@@ -423,8 +423,10 @@ pub async fn apply_batch(
         Some(_) => Vec::new(),
         None => writes
             .iter()
-            .map(|(id, _)| shared.holds(*id).then(|| cache.stored(*id, &[], usize::MAX)).flatten())
-            .map(|stored| stored.map(|(header, _)| header.version()))
+            .map(|(id, _)| match shared.holds(*id) {
+                true => cache.stored(*id, &[], usize::MAX).map(|(header, _)| header.version()),
+                false => None,
+            })
             .collect(),
     };
     let (outcomes, read) = apply_locked(client, writes, &ids, cache, node).await?;

@@ -141,10 +141,10 @@ fn horizon_from(row: &tokio_postgres::Row, at: usize, policy: Retention, most: u
 
 /// Where one step of pruning a connection would stop ([`step_horizon`]),
 /// and the revision the policy keeps from; `None` when nothing is to be
-/// removed. One round trip, readable outside a transaction: the pruning
-/// pass asks it first, and so passes over a connection under its limits
-/// (the common case) without a write.
-pub async fn horizon(
+/// removed. One round trip. The pruning pass asks [`due`] first, for a
+/// page of connections at once, so that connections under their limits
+/// (the common case) are passed over without a transaction.
+async fn horizon(
     client: &impl GenericClient,
     id: ConnectionId,
     policy: Retention,
