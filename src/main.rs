@@ -8,10 +8,13 @@ use highwater::config::Cli;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(error) = highwater::telemetry::init(&cli.log) {
-        eprintln!("highwater: {error:#}");
-        return ExitCode::FAILURE;
-    }
+    let _logging = match highwater::telemetry::init(&cli.log) {
+        Ok(logging) => logging,
+        Err(error) => {
+            eprintln!("highwater: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     match highwater::cli::dispatch(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

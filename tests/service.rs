@@ -175,3 +175,81 @@ fn a_second_process_on_the_same_sqlite_file_is_refused_but_export_runs_beside_it
     assert!(first.stop().success());
     Server::start(&["--listen", "127.0.0.1:0", "--database-url", &db]).kill();
 }
+
+/// A server process, killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_reader_that_stops_reading_does_not_stop_the_answers() {
+    use std::io::BufRead;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_arg(&dir);
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &db])
+        .args(["--log-format", "json", "--log-level", "info"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let _server = Killed(child);
+    let (mut line, mut address) = (String::new(), String::new());
+    while address.is_empty() {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "highwater exited before listening");
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if event["message"] == "highwater listening" {
+            address = event["address"].as_str().unwrap().to_owned();
+        }
+    }
+
+    // One log line a request, which nobody reads from here on: the pipe
+    // holds 64 KiB, the server's queue of lines 16,384 more.
+    let client = reqwest::Client::new();
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, address) = (client.clone(), address.clone());
+            tokio::spawn(async move {
+                for _ in 0..2500 {
+                    let answer = client
+                        .post(format!("http://{address}/api/v1/state/get"))
+                        .header("content-type", "application/json")
+                        .body(r#"{"connectionId":"5b9a7c1e-0f6a-4e1d-9c11-3f0b8d2a4e77"}"#)
+                        .timeout(Duration::from_secs(5))
+                        .send()
+                        .await
+                        .unwrap_or_else(|e| panic!("a request was not answered while the log went unread: {e}"));
+                    assert_eq!(answer.status(), 200);
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.await.unwrap();
+    }
+
+    // Read again, the log says how many lines it had to drop.
+    let (report, reported) = std::sync::mpsc::channel();
+    std::thread::spawn(move || loop {
+        line.clear();
+        if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if event["message"].as_str().is_some_and(|m| m.starts_with("log lines dropped")) {
+            let _ = report.send(event["dropped"].as_u64());
+            return;
+        }
+    });
+    let dropped = reported.recv_timeout(Duration::from_secs(30)).expect("no report of dropped log lines within 30 s");
+    assert!(dropped.is_some_and(|n| n > 0), "{dropped:?}");
+}
