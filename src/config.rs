@@ -247,6 +247,14 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_concurrent_requests: u64,
 
+    /// Longest a client may take to send a request's headers, in seconds;
+    /// also how long an idle kept-alive connection is kept open. Slower
+    /// clients are disconnected, so that connections that send nothing do
+    /// not hold file descriptors for ever.
+    #[arg(long, env = "HIGHWATER_HEADER_READ_TIMEOUT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_read_timeout_secs: u64,
+
     /// How long a shutdown (SIGTERM, Ctrl-C) waits for requests in flight
     /// before exiting anyway, in seconds.
     #[arg(long, env = "HIGHWATER_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30,
@@ -293,6 +301,7 @@ impl ServeArgs {
             },
             request_timeout: Duration::from_secs(self.request_timeout_secs),
             max_concurrent_requests: self.max_concurrent_requests as usize,
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
         }
     }
 }

@@ -75,3 +75,41 @@ async fn a_request_over_the_timeout_gets_503_saying_a_write_may_have_landed() {
                    a write may or may not have been applied: read the state, or retry with expectedRevision.";
     assert_eq!(masked(body), known_error(message, "RequestTimeout"));
 }
+
+#[tokio::test]
+async fn a_connection_that_does_not_finish_its_headers_or_stays_idle_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut limits = default_limits();
+    limits.header_read_timeout = Duration::from_millis(500);
+    let app = TestApp::spawn_with(limits).await;
+    let closed_within = |mut stream: tokio::net::TcpStream| async move {
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "the connection is still open after 10 s");
+        started.elapsed()
+    };
+
+    // Headers sent a part at a time, never finished: a connection and its
+    // file descriptor held for ever, were it not closed.
+    let mut slow = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    slow.write_all(b"POST /api/v1/state/get HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let waited = closed_within(slow).await;
+    assert!(waited >= Duration::from_millis(400), "closed after {waited:?}, before its time");
+
+    // A kept-alive connection is answered, then closed once idle as long.
+    let mut idle = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    let body = format!(r#"{{"connectionId":"{}"}}"#, new_id());
+    let request = format!(
+        "POST /api/v1/state/get HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    idle.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = [0; 15];
+    idle.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200 OK");
+    closed_within(idle).await;
+
+    // A client that keeps to the time is served as before.
+    assert_eq!(app.get("/api/v1/health").await.0, 200);
+}

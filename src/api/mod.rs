@@ -75,6 +75,10 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Most requests served at once; more are answered 503 at once.
     pub max_concurrent_requests: usize,
+    /// Longest a client may take over a request's headers, counted from
+    /// when the server starts waiting for them; also how long an idle
+    /// kept-alive connection stays open (`startup`).
+    pub header_read_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -84,6 +88,7 @@ impl Default for Limits {
             decode: DecodeLimits::default(),
             request_timeout: Duration::from_secs(60),
             max_concurrent_requests: 1024,
+            header_read_timeout: Duration::from_secs(60),
         }
     }
 }
