@@ -255,6 +255,15 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub header_read_timeout_secs: u64,
 
+    /// Memory for the requests being served at once, in MiB, each counted
+    /// as twice its body (about what handling a large write takes). A
+    /// request that does not fit waits for others to finish (503 after
+    /// --request-timeout-secs); one with a body of --max-body-bytes always
+    /// fits. A body sent without a length counts as one of --max-body-bytes.
+    #[arg(long, env = "HIGHWATER_REQUEST_MEMORY_MB", default_value_t = 512,
+          value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub request_memory_mb: u64,
+
     /// How long a shutdown (SIGTERM, Ctrl-C) waits for requests in flight
     /// before exiting anyway, in seconds.
     #[arg(long, env = "HIGHWATER_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30,
@@ -302,6 +311,8 @@ impl ServeArgs {
             request_timeout: Duration::from_secs(self.request_timeout_secs),
             max_concurrent_requests: self.max_concurrent_requests as usize,
             header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+            request_memory_bytes: usize::try_from(self.request_memory_mb.saturating_mul(1024 * 1024))
+                .unwrap_or(usize::MAX),
         }
     }
 }

@@ -113,3 +113,36 @@ async fn a_connection_that_does_not_finish_its_headers_or_stays_idle_is_closed()
     // A client that keeps to the time is served as before.
     assert_eq!(app.get("/api/v1/health").await.0, 200);
 }
+
+#[tokio::test]
+async fn a_request_that_would_go_beyond_the_request_memory_waits_for_others_to_finish() {
+    use tokio::io::AsyncWriteExt;
+    let mut limits = default_limits();
+    limits.max_body_bytes = 1024 * 1024;
+    // Room for one request with the largest body: counted twice its body.
+    limits.request_memory_bytes = 2 * 1024 * 1024;
+    let app = TestApp::spawn_with(limits).await;
+
+    // A client that announces the largest body and sends a part of it.
+    let mut large = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    let head = format!(
+        "POST /api/v1/state/create_or_update HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{{\"connectionId\":",
+        1024 * 1024
+    );
+    large.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Another write waits while the first holds the memory ...
+    let id = new_id();
+    let state = r#"{"stateType":"stream","streamState":[{"streamDescriptor":{"name":"a"},"streamState":1}]}"#;
+    let mut small = std::pin::pin!(app.write(&id, state));
+    let waited = tokio::time::timeout(Duration::from_millis(500), &mut small).await;
+    assert!(waited.is_err(), "answered while the memory was taken: {waited:?}");
+
+    // ... and goes on once that client is gone.
+    drop(large);
+    let (status, _) = tokio::time::timeout(Duration::from_secs(10), small).await.expect("still waiting");
+    assert_eq!(status, 200);
+    assert!(app.read(&id).await.contains("\"a\""));
+}

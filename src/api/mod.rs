@@ -43,6 +43,9 @@ pub struct Shared {
     pub authenticator: Option<Arc<Authenticator>>,
     /// Places for requests being served at once (see `Limits`).
     pub in_flight: Arc<Semaphore>,
+    /// Memory for the requests being served, in KiB (see
+    /// `Limits::request_memory_bytes` and `edge`).
+    pub body_memory: Arc<Semaphore>,
     /// Rendered bodies of large states.
     pub rendered: render_cache::RenderCache,
 }
@@ -51,8 +54,9 @@ impl AppState {
     /// Shared state for serving `store` under `limits`.
     pub fn new(store: Arc<dyn Store>, limits: Limits, authenticator: Option<Arc<Authenticator>>) -> Self {
         let in_flight = Arc::new(Semaphore::new(limits.max_concurrent_requests));
+        let body_memory = Arc::new(Semaphore::new(edge::kib(limits.request_memory_bytes()) as usize));
         let rendered = render_cache::RenderCache::new(32 * 1024 * 1024);
-        Self(Arc::new(Shared { store, limits, authenticator, in_flight, rendered }))
+        Self(Arc::new(Shared { store, limits, authenticator, in_flight, body_memory, rendered }))
     }
 }
 
@@ -79,6 +83,18 @@ pub struct Limits {
     /// when the server starts waiting for them; also how long an idle
     /// kept-alive connection stays open (`startup`).
     pub header_read_timeout: Duration,
+    /// Memory for the requests being served at once, each counted as
+    /// [`edge::MEMORY_PER_BODY_BYTE`] times its body (see
+    /// [`Limits::request_memory_bytes`]).
+    pub request_memory_bytes: usize,
+}
+
+impl Limits {
+    /// The memory for requests: as configured, but room for at least one
+    /// with a body of the largest size accepted.
+    pub fn request_memory_bytes(&self) -> usize {
+        self.request_memory_bytes.max(self.max_body_bytes.saturating_mul(edge::MEMORY_PER_BODY_BYTE))
+    }
 }
 
 impl Default for Limits {
@@ -89,6 +105,7 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(60),
             max_concurrent_requests: 1024,
             header_read_timeout: Duration::from_secs(60),
+            request_memory_bytes: 512 * 1024 * 1024,
         }
     }
 }
