@@ -55,9 +55,8 @@ pub fn init(args: &LogArgs) -> anyhow::Result<Logging> {
     Ok(Logging { _flushed_on_drop: guard })
 }
 
-/// Logs how many lines were dropped since it last looked, whenever there
-/// are any. While the output takes nothing this line is dropped too; the
-/// count it carried is then part of the next one.
+/// Logs how many lines were dropped since the last such line that was
+/// not dropped itself, whenever there are any.
 async fn report_dropped(dropped: ErrorCounter) {
     let mut reported = 0;
     let mut every = tokio::time::interval(DROPS_CHECKED_EVERY);
@@ -69,7 +68,11 @@ async fn report_dropped(dropped: ErrorCounter) {
                 dropped = now - reported,
                 "log lines dropped: whatever reads Highwater's standard error did not keep up"
             );
-            reported = now;
+            // While the output takes nothing, this line is dropped too (or
+            // another one just then): its count goes into the next one.
+            if dropped.dropped_lines() == now {
+                reported = now;
+            }
         }
     }
 }
