@@ -256,10 +256,12 @@ pub struct ServeArgs {
     pub header_read_timeout_secs: u64,
 
     /// Memory for the requests being served at once, in MiB, each counted
-    /// as twice its body (about what handling a large write takes). A
-    /// request that does not fit waits for others to finish (503 after
-    /// --request-timeout-secs); one with a body of --max-body-bytes always
-    /// fits. A body sent without a length counts as one of --max-body-bytes.
+    /// as twice its body (about what handling a large write takes) from
+    /// when its body is read, once its route and credentials are checked,
+    /// until it is answered. A request that does not fit waits for others
+    /// to finish (503 after --request-timeout-secs); one with a body of
+    /// --max-body-bytes always fits. A body sent without a length counts as
+    /// one of --max-body-bytes.
     #[arg(long, env = "HIGHWATER_REQUEST_MEMORY_MB", default_value_t = 512,
           value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     pub request_memory_mb: u64,

@@ -116,7 +116,7 @@ async fn a_connection_that_does_not_finish_its_headers_or_stays_idle_is_closed()
 
 #[tokio::test]
 async fn a_request_that_would_go_beyond_the_request_memory_waits_for_others_to_finish() {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut limits = default_limits();
     limits.max_body_bytes = 1024 * 1024;
     // Room for one request with the largest body: counted twice its body.
@@ -139,6 +139,19 @@ async fn a_request_that_would_go_beyond_the_request_memory_waits_for_others_to_f
     let mut small = std::pin::pin!(app.write(&id, state));
     let waited = tokio::time::timeout(Duration::from_millis(500), &mut small).await;
     assert!(waited.is_err(), "answered while the memory was taken: {waited:?}");
+
+    // A request refused before its body is read takes none of it.
+    let mut refused = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    let head = format!(
+        "POST /api/v1/state/nowhere HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        1024 * 1024
+    );
+    refused.write_all(head.as_bytes()).await.unwrap();
+    let mut status = [0; 12];
+    let read = tokio::time::timeout(Duration::from_secs(5), refused.read_exact(&mut status)).await;
+    assert!(read.is_ok(), "a request for no route waited for the memory");
+    assert_eq!(&status, b"HTTP/1.1 404");
 
     // ... and goes on once that client is gone.
     drop(large);

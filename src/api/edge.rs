@@ -7,12 +7,14 @@
 //! answers its probes. Log: one line per request with method, route,
 //! status and latency.
 
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::ApiError;
 use super::AppState;
@@ -37,7 +39,7 @@ pub async fn edge(State(app): State<AppState>, request: Request, next: Next) -> 
     response
 }
 
-async fn limit(app: &AppState, request: Request, next: Next) -> Response {
+async fn limit(app: &AppState, mut request: Request, next: Next) -> Response {
     if request.uri().path().ends_with("/health") {
         return next.run(request).await;
     }
@@ -45,21 +47,42 @@ async fn limit(app: &AppState, request: Request, next: Next) -> Response {
         return ApiError::Overloaded(app.limits.max_concurrent_requests).into_response();
     };
     let timeout = app.limits.request_timeout;
-    let served = async {
-        // Held until the answer is made: the body, then what is decoded
-        // from it and the answer, are in memory until then. The semaphore
-        // is never closed: `ok()` drops an error that cannot come.
-        let _memory = match body_size(&request, app.limits.max_body_bytes) {
-            0 => None,
-            bytes => {
-                app.body_memory.clone().acquire_many_owned(kib(bytes.saturating_mul(MEMORY_PER_BODY_BYTE))).await.ok()
-            }
-        };
-        next.run(request).await
+    // What the request's body holds of the requests' memory, taken when
+    // the body is about to be read (`extract`), only once the route and its
+    // credentials have let the request through, and held until the answer
+    // is made: the body, then what is decoded from it and the answer, are
+    // in memory until then.
+    let held = HeldMemory::default();
+    request.extensions_mut().insert(held.clone());
+    let served = async move {
+        let response = next.run(request).await;
+        drop(held);
+        response
     };
     match tokio::time::timeout(timeout, served).await {
         Ok(response) => response,
         Err(_) => ApiError::TimedOut(timeout).into_response(),
+    }
+}
+
+/// A request's share of the requests' memory (`Limits::request_memory_bytes`),
+/// in its extensions: filled by [`HeldMemory::take`], released when the
+/// last clone goes.
+#[derive(Clone, Default)]
+pub struct HeldMemory(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl HeldMemory {
+    /// Waits until the memory a body of `size` bytes is counted as is free,
+    /// and holds it. The semaphore is never closed: `ok()` drops an error
+    /// that cannot come.
+    pub async fn take(&self, memory: &Arc<Semaphore>, size: usize) {
+        if size == 0 {
+            return;
+        }
+        let permit = memory.clone().acquire_many_owned(kib(size.saturating_mul(MEMORY_PER_BODY_BYTE))).await.ok();
+        if let Ok(mut held) = self.0.lock() {
+            *held = permit;
+        }
     }
 }
 
@@ -75,7 +98,7 @@ pub const MEMORY_PER_BODY_BYTE: usize = 2;
 /// let bodies that each hold part of the memory wait for each other.
 /// Larger than the limit, it is refused while being read (413), having
 /// been counted as the limit.
-fn body_size(request: &Request, max_body_bytes: usize) -> usize {
+pub fn body_size(request: &Request, max_body_bytes: usize) -> usize {
     let headers = request.headers();
     if let Some(length) = headers.get(header::CONTENT_LENGTH) {
         let length = length.to_str().ok().and_then(|text| text.parse::<usize>().ok());

@@ -5,6 +5,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, StatusCode};
 
+use super::edge::{body_size, HeldMemory};
 use super::error::ApiError;
 use super::AppState;
 
@@ -23,6 +24,9 @@ impl FromRequest<AppState> for JsonBody {
             }
         }
         let limit = app.limits.max_body_bytes;
+        if let Some(held) = request.extensions().get::<HeldMemory>().cloned() {
+            held.take(&app.body_memory, body_size(&request, limit)).await;
+        }
         Bytes::from_request(request, app).await.map(Self).map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::TooLarge { limit }
