@@ -260,8 +260,8 @@ pub struct ServeArgs {
     /// when its body is read, once its route and credentials are checked,
     /// until it is answered. A request that does not fit waits for others
     /// to finish (503 after --request-timeout-secs); one with a body of
-    /// --max-body-bytes always fits. A body sent without a length counts as
-    /// one of --max-body-bytes.
+    /// --max-body-bytes always fits. A body sent without a length is
+    /// counted as it arrives.
     #[arg(long, env = "HIGHWATER_REQUEST_MEMORY_MB", default_value_t = 512,
           value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     pub request_memory_mb: u64,

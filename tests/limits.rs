@@ -159,3 +159,76 @@ async fn a_request_that_would_go_beyond_the_request_memory_waits_for_others_to_f
     assert_eq!(status, 200);
     assert!(app.read(&id).await.contains("\"a\""));
 }
+
+/// Sends `body` to `path` in chunks of `chunk` bytes without a length, and
+/// returns the answer's status line, read while the body is still being
+/// sent (an answer may come before the end of the body: 413).
+async fn post_chunked(address: std::net::SocketAddr, path: &str, body: &[u8], chunk: usize) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let body = body.to_vec();
+    let sender = tokio::spawn(async move {
+        write.write_all(head.as_bytes()).await?;
+        for piece in body.chunks(chunk) {
+            write.write_all(format!("{:x}\r\n", piece.len()).as_bytes()).await?;
+            write.write_all(piece).await?;
+            write.write_all(b"\r\n").await?;
+        }
+        write.write_all(b"0\r\n\r\n").await?;
+        std::io::Result::Ok(write)
+    });
+    let mut status = String::new();
+    tokio::io::BufReader::new(read).read_line(&mut status).await.unwrap();
+    sender.abort();
+    status.trim_end().to_owned()
+}
+
+#[tokio::test]
+async fn a_body_sent_without_a_length_is_counted_as_it_arrives() {
+    use tokio::io::AsyncWriteExt;
+    let mut limits = default_limits();
+    limits.max_body_bytes = 1024 * 1024;
+    // Room for one request with the largest body and a little more.
+    limits.request_memory_bytes = 3 * 1024 * 1024;
+    let app = TestApp::spawn_with(limits).await;
+
+    // A body sent without a length, stalled after its first chunk: it
+    // holds what its first bytes count as (128 kB), not the largest body's
+    // share (2 MiB), which would leave too little for the next.
+    let mut stalled = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    stalled
+        .write_all(
+            b"POST /api/v1/state/create_or_update HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Transfer-Encoding: chunked\r\n\r\n10\r\n{\"connectionId\":\r\n",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Another, of 700 kB in chunks of 64 kB, is counted up as it arrives
+    // and answered beside it.
+    let id = new_id();
+    let blob = format!(r#"{{"pad":"{}"}}"#, "x".repeat(700 * 1024));
+    let body = format!(
+        r#"{{"connectionId":"{id}","connectionState":{{"stateType":"stream","streamState":[{{"streamDescriptor":{{"name":"a"}},"streamState":{blob}}}]}}}}"#
+    );
+    let answered = tokio::time::timeout(
+        Duration::from_secs(10),
+        post_chunked(app.address, "/api/v1/state/create_or_update", body.as_bytes(), 64 * 1024),
+    )
+    .await
+    .expect("a body sent without a length waited beside a stalled one");
+    assert_eq!(answered, "HTTP/1.1 200 OK");
+    assert!(app.read(&id).await.contains(&"x".repeat(1000)));
+
+    // Over the limit, it is refused as one with a length would be.
+    let too_large = format!(r#"{{"connectionId":"{id}","pad":"{}"}}"#, "x".repeat(1024 * 1024));
+    let refused = post_chunked(app.address, "/api/v1/state/create_or_update", too_large.as_bytes(), 64 * 1024).await;
+    assert_eq!(refused, "HTTP/1.1 413 Payload Too Large");
+    drop(stalled);
+}

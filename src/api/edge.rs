@@ -66,20 +66,36 @@ async fn limit(app: &AppState, mut request: Request, next: Next) -> Response {
 }
 
 /// A request's share of the requests' memory (`Limits::request_memory_bytes`),
-/// in its extensions: filled by [`HeldMemory::take`], released when the
-/// last clone goes.
+/// in its extensions: taken by the body extractor, released when the last
+/// clone goes.
 #[derive(Clone, Default)]
 pub struct HeldMemory(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
 
 impl HeldMemory {
-    /// Waits until the memory a body of `size` bytes is counted as is free,
-    /// and holds it. The semaphore is never closed: `ok()` drops an error
-    /// that cannot come.
-    pub async fn take(&self, memory: &Arc<Semaphore>, size: usize) {
-        if size == 0 {
-            return;
-        }
-        let permit = memory.clone().acquire_many_owned(kib(size.saturating_mul(MEMORY_PER_BODY_BYTE))).await.ok();
+    /// Holds the memory a body of `size` bytes is counted as, waiting until
+    /// it is free if it must. A request may grow what it holds: it asks for
+    /// the difference, or, when that is not free at once, gives back what
+    /// it holds and waits for all of it, so that no request waits while
+    /// holding part of the memory (two could then wait for each other).
+    /// The semaphore is never closed: its error cannot come.
+    pub async fn hold(&self, memory: &Arc<Semaphore>, size: usize) {
+        let wanted = kib(size.saturating_mul(MEMORY_PER_BODY_BYTE));
+        let held = self.0.lock().ok().and_then(|mut held| held.take());
+        let held_now = held.as_ref().map_or(0, |held| held.num_permits());
+        let permit = match held {
+            _ if wanted as usize <= held_now => held,
+            Some(mut held) => match memory.clone().try_acquire_many_owned(wanted - held_now as u32) {
+                Ok(more) => {
+                    held.merge(more);
+                    Some(held)
+                }
+                Err(_) => {
+                    drop(held);
+                    memory.clone().acquire_many_owned(wanted).await.ok()
+                }
+            },
+            None => memory.clone().acquire_many_owned(wanted).await.ok(),
+        };
         if let Ok(mut held) = self.0.lock() {
             *held = permit;
         }
@@ -92,22 +108,23 @@ impl HeldMemory {
 /// 2.1-2.2x (bench/).
 pub const MEMORY_PER_BODY_BYTE: usize = 2;
 
-/// The size a request's body is counted as: its declared length, or the
-/// largest accepted when it is sent without one (in chunks), since it
-/// cannot be known before it is read. Counting as it arrives instead would
-/// let bodies that each hold part of the memory wait for each other.
-/// Larger than the limit, it is refused while being read (413), having
-/// been counted as the limit.
-pub fn body_size(request: &Request, max_body_bytes: usize) -> usize {
+/// What a body sent without a length is counted as at first, and the step
+/// it is counted up by as it arrives (see `extract`).
+pub const UNKNOWN_BODY_FIRST_BYTES: usize = 64 * 1024;
+
+/// The size a request's body declares: `Some(0)` for none, `None` when it
+/// is sent in chunks without a length. A length over the limit counts as
+/// the limit: such a body is refused while it is read (413).
+pub fn declared_size(request: &Request, max_body_bytes: usize) -> Option<usize> {
     let headers = request.headers();
     if let Some(length) = headers.get(header::CONTENT_LENGTH) {
         let length = length.to_str().ok().and_then(|text| text.parse::<usize>().ok());
-        return length.map_or(max_body_bytes, |length| length.min(max_body_bytes));
+        return Some(length.map_or(max_body_bytes, |length| length.min(max_body_bytes)));
     }
     if headers.contains_key(header::TRANSFER_ENCODING) {
-        return max_body_bytes;
+        return None;
     }
-    0
+    Some(0)
 }
 
 /// Bytes in the KiB the body-memory semaphore counts, rounded up.

@@ -4,8 +4,9 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, StatusCode};
+use http_body_util::BodyExt;
 
-use super::edge::{body_size, HeldMemory};
+use super::edge::{declared_size, HeldMemory, UNKNOWN_BODY_FIRST_BYTES};
 use super::error::ApiError;
 use super::AppState;
 
@@ -24,9 +25,11 @@ impl FromRequest<AppState> for JsonBody {
             }
         }
         let limit = app.limits.max_body_bytes;
-        if let Some(held) = request.extensions().get::<HeldMemory>().cloned() {
-            held.take(&app.body_memory, body_size(&request, limit)).await;
-        }
+        let held = request.extensions().get::<HeldMemory>().cloned().unwrap_or_default();
+        let Some(size) = declared_size(&request, limit) else {
+            return read_unknown_length(request, app, &held).await.map(Self);
+        };
+        held.hold(&app.body_memory, size).await;
         Bytes::from_request(request, app).await.map(Self).map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::TooLarge { limit }
@@ -35,6 +38,31 @@ impl FromRequest<AppState> for JsonBody {
             }
         })
     }
+}
+
+/// Reads a body sent in chunks without a length, counting its memory as
+/// it arrives, a step of [`UNKNOWN_BODY_FIRST_BYTES`] at a time
+/// (`HeldMemory::hold`), so that small ones so sent do not count as the
+/// largest accepted.
+async fn read_unknown_length(request: Request, app: &AppState, held: &HeldMemory) -> Result<Bytes, ApiError> {
+    let limit = app.limits.max_body_bytes;
+    let mut counted = UNKNOWN_BODY_FIRST_BYTES.min(limit);
+    held.hold(&app.body_memory, counted).await;
+    let mut body = request.into_body();
+    let mut read = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| ApiError::BadJson(format!("the body could not be read ({error})")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        if read.len() + data.len() > limit {
+            return Err(ApiError::TooLarge { limit });
+        }
+        if read.len() + data.len() > counted {
+            counted = (read.len() + data.len()).next_multiple_of(UNKNOWN_BODY_FIRST_BYTES).min(limit);
+            held.hold(&app.body_memory, counted).await;
+        }
+        read.extend_from_slice(&data);
+    }
+    Ok(Bytes::from(read))
 }
 
 /// `application/json`, or any `+json` type, with any parameters.
