@@ -9,7 +9,7 @@
 //! beyond, lines are dropped and counted, and the count is logged once the
 //! output takes lines again.
 
-use std::io::{BufWriter, Stderr};
+use std::io::{BufWriter, IsTerminal, Stderr};
 use std::time::Duration;
 
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
@@ -45,7 +45,10 @@ pub fn init(args: &LogArgs) -> anyhow::Result<Logging> {
         .thread_name("hw-log")
         .finish(BufWriter::<Stderr>::new(std::io::stderr()));
     let dropped = writer.error_counter();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    // Colours only for a person at a terminal: in a file, a pipe or a
+    // journal, escape codes are noise around every field.
+    let colours = std::io::stderr().is_terminal();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(colours).with_writer(writer);
     match args.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

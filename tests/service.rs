@@ -24,6 +24,8 @@ fn serving_beyond_loopback_without_credentials_is_refused() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("refusing to listen on 0.0.0.0:0 without authentication"), "{stderr}");
+    // Text logs to a pipe carry no terminal colours.
+    assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
     assert!(stderr.contains("--behind-auth-proxy"), "{stderr}");
     // Told that a proxy authenticates, it serves.
     Server::start(&["--listen", "0.0.0.0:0", "--database-url", &db, "--behind-auth-proxy"]).kill();
