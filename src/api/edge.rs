@@ -91,15 +91,32 @@ impl HeldMemory {
                 }
                 Err(_) => {
                     drop(held);
-                    memory.clone().acquire_many_owned(wanted).await.ok()
+                    wait_for(memory, wanted).await
                 }
             },
-            None => memory.clone().acquire_many_owned(wanted).await.ok(),
+            None => match memory.clone().try_acquire_many_owned(wanted) {
+                Ok(permit) => Some(permit),
+                Err(_) => wait_for(memory, wanted).await,
+            },
         };
         if let Ok(mut held) = self.0.lock() {
             *held = permit;
         }
     }
+}
+
+/// Waits for `kib` of the requests' memory, saying so: requests slowed or
+/// timed out by it are otherwise hard to tell from a slow store.
+async fn wait_for(memory: &Arc<Semaphore>, kib: u32) -> Option<OwnedSemaphorePermit> {
+    let started = Instant::now();
+    tracing::info!(
+        wanted_kib = kib,
+        free_kib = memory.available_permits(),
+        "a request waits for memory held by others (--request-memory-mb / HIGHWATER_REQUEST_MEMORY_MB)"
+    );
+    let permit = memory.clone().acquire_many_owned(kib).await.ok();
+    tracing::info!(waited_ms = started.elapsed().as_millis() as u64, "a request got the memory it waited for");
+    permit
 }
 
 /// The memory a request is counted as, per byte of its body: the body,
