@@ -32,6 +32,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let address = listener.local_addr().context("cannot read the listening address")?;
     let auth = if authenticator.is_some() { "on" } else { "off" };
     tracing::info!(%address, database = %url, authentication = auth, "highwater listening");
+    warn_of_a_low_open_files_limit(args.max_concurrent_requests);
     let pruner = tokio::spawn(prune_history(store.clone(), args.retention(), args.history_prune_interval_secs));
     let app = AppState::new(store.clone(), args.limits(), authenticator);
 
@@ -55,6 +56,40 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("highwater stopped");
     Ok(())
+}
+
+/// Files this process keeps open besides its clients' connections: the
+/// store's (SQLite's file, WAL and readers, or PostgreSQL's pool), the
+/// listener, the log and the runtime's own, with room to spare.
+const FILES_BESIDES_CONNECTIONS: u64 = 64;
+
+/// Warns when the process may not open a file for every request it may
+/// serve at once: beyond the limit, new connections fail (`EMFILE`) until
+/// others close. Under systemd the limit is 1024 unless `LimitNOFILE`
+/// raises it. Linux only (`/proc/self/limits`); elsewhere nothing is said.
+fn warn_of_a_low_open_files_limit(max_concurrent_requests: u64) {
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
+        return;
+    };
+    let Some(limit) = open_files_limit(&limits) else {
+        return;
+    };
+    let needed = max_concurrent_requests.saturating_add(FILES_BESIDES_CONNECTIONS);
+    if limit < needed {
+        tracing::warn!(
+            open_files_limit = limit,
+            max_concurrent_requests,
+            "the open-files limit is lower than --max-concurrent-requests needs: connections beyond it fail until \
+             others close; raise it (systemd LimitNOFILE=, ulimit -n) or lower --max-concurrent-requests"
+        );
+    }
+}
+
+/// The soft limit on open files from the text of `/proc/self/limits`;
+/// `None` for "unlimited" or text it cannot read.
+fn open_files_limit(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|line| line.starts_with("Max open files"))?;
+    line.trim_start_matches("Max open files").split_whitespace().next()?.parse().ok()
 }
 
 /// The credentials, from the file or the environment; `None`: none given.
@@ -88,5 +123,20 @@ async fn prune_history(store: Arc<dyn Store>, policy: Retention, interval_secs: 
             Ok(removed) => tracing::info!(removed, elapsed_ms = started.elapsed().as_millis() as u64, "pruned history"),
             Err(error) => tracing::warn!(%error, "history pruning failed; retrying at the next interval"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open_files_limit;
+
+    #[test]
+    fn the_soft_open_files_limit_is_read_from_proc_self_limits() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max cpu time              unlimited            unlimited            seconds   \n\
+                      Max open files            1024                 524288               files     \n";
+        assert_eq!(open_files_limit(limits), Some(1024));
+        assert_eq!(open_files_limit("Max open files            unlimited            unlimited            files"), None);
+        assert_eq!(open_files_limit(""), None);
     }
 }
