@@ -114,24 +114,38 @@ async fn a_connection_that_does_not_finish_its_headers_or_stays_idle_is_closed()
     assert_eq!(app.get("/api/v1/health").await.0, 200);
 }
 
+/// A server accepting bodies of up to 1 MiB, with `mib` MiB for the
+/// requests being served.
+async fn app_with_request_memory(mib: usize) -> TestApp {
+    let mut limits = default_limits();
+    limits.max_body_bytes = 1024 * 1024;
+    limits.request_memory_bytes = mib * 1024 * 1024;
+    TestApp::spawn_with(limits).await
+}
+
+/// A write whose head ends with `framing` (its length or chunking, and the
+/// first bytes of its body), then nothing more: it holds what its body is
+/// counted as until the returned connection is dropped.
+async fn stalled_upload(address: std::net::SocketAddr, framing: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "POST /api/v1/state/create_or_update HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{framing}"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stream
+}
+
 #[tokio::test]
 async fn a_request_that_would_go_beyond_the_request_memory_waits_for_others_to_finish() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut limits = default_limits();
-    limits.max_body_bytes = 1024 * 1024;
     // Room for one request with the largest body: counted twice its body.
-    limits.request_memory_bytes = 2 * 1024 * 1024;
-    let app = TestApp::spawn_with(limits).await;
+    let app = app_with_request_memory(2).await;
 
     // A client that announces the largest body and sends a part of it.
-    let mut large = tokio::net::TcpStream::connect(app.address).await.unwrap();
-    let head = format!(
-        "POST /api/v1/state/create_or_update HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{{\"connectionId\":",
-        1024 * 1024
-    );
-    large.write_all(head.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let large =
+        stalled_upload(app.address, &format!("Content-Length: {}\r\n\r\n{{\"connectionId\":", 1024 * 1024)).await;
 
     // Another write waits while the first holds the memory ...
     let id = new_id();
@@ -190,25 +204,13 @@ async fn post_chunked(address: std::net::SocketAddr, path: &str, body: &[u8], ch
 
 #[tokio::test]
 async fn a_body_sent_without_a_length_is_counted_as_it_arrives() {
-    use tokio::io::AsyncWriteExt;
-    let mut limits = default_limits();
-    limits.max_body_bytes = 1024 * 1024;
     // Room for one request with the largest body and a little more.
-    limits.request_memory_bytes = 3 * 1024 * 1024;
-    let app = TestApp::spawn_with(limits).await;
+    let app = app_with_request_memory(3).await;
 
     // A body sent without a length, stalled after its first chunk: it
     // holds what its first bytes count as (128 kB), not the largest body's
     // share (2 MiB), which would leave too little for the next.
-    let mut stalled = tokio::net::TcpStream::connect(app.address).await.unwrap();
-    stalled
-        .write_all(
-            b"POST /api/v1/state/create_or_update HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-              Transfer-Encoding: chunked\r\n\r\n10\r\n{\"connectionId\":\r\n",
-        )
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stalled = stalled_upload(app.address, "Transfer-Encoding: chunked\r\n\r\n10\r\n{\"connectionId\":\r\n").await;
 
     // Another, of 700 kB in chunks of 64 kB, is counted up as it arrives
     // and answered beside it.
