@@ -266,10 +266,9 @@ impl StateCache {
         self.budget > 0
     }
 
-    /// Whether the cache would keep `cached`: it keeps nothing larger than
-    /// a quarter of its budget.
+    /// Whether the cache would keep `cached` ([`keeps`]).
     pub fn fits(&self, cached: &Cached) -> bool {
-        weight(&cached.state) <= self.budget / 4
+        keeps(weight(&cached.state), self.budget)
     }
 
     /// [`Self::put`], unless the cache was reset after `mark` was taken.
@@ -386,6 +385,13 @@ impl StateCache {
     }
 }
 
+/// Whether a cache of `budget` bytes keeps a state of `size`: nothing
+/// larger than a quarter of the budget, so that one state cannot push
+/// out all the others.
+fn keeps(size: usize, budget: usize) -> bool {
+    size <= budget / 4
+}
+
 impl Inner {
     /// The entry of `id` with any deferred effects applied first.
     fn take(&mut self, id: ConnectionId) -> Option<Cached> {
@@ -443,7 +449,7 @@ impl Inner {
             return;
         }
         let size = weight(&cached.state);
-        if size > budget / 4 {
+        if !keeps(size, budget) {
             self.forget(id);
             return;
         }
