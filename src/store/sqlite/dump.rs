@@ -119,7 +119,7 @@ pub fn load(conn: &Connection, dump: &ConnectionDump, overwrite: bool) -> Result
             .map_err(classify)?;
     }
     for c in &dump.changes {
-        insert_change(conn, &id, c.revision as i64, &c.key, c.blob.as_ref().map(Blob::as_str), c.seq)?;
+        insert_change(conn, &id, c.revision as i64, &c.key, c.blob.as_ref().map(Blob::as_str), c.seq, None)?;
     }
     let mut entry_row = conn
         .prepare_cached("INSERT INTO heads (connection_id, entry_key, seq, revision) VALUES (?1, ?2, ?3, ?4)")

@@ -143,9 +143,12 @@ pub fn prune(
     };
     let more = horizon < keep_from;
     let horizon = horizon as i64;
+    let removed: i64 = conn
+        .prepare_cached("SELECT count(*) FROM revisions WHERE connection_id = ?1 AND revision < ?2")
+        .and_then(|mut s| s.query_row(params![key, horizon], |r| r.get(0)))
+        .map_err(classify)?;
     // The views `changes` and `revisions` cannot be deleted from: the rows
-    // go from `history` (migrations/sqlite/0004), revision rows being those
-    // with the entry key ''.
+    // go from `history` (migrations/sqlite/0004, 0007).
     exec(
         conn,
         // Older than the horizon and not a key's latest change up to it
@@ -160,9 +163,17 @@ pub fn prune(
         "DELETE FROM history WHERE connection_id = ?1 AND revision < ?2 AND entry_key <> '' AND blob IS NULL",
         params![key, horizon],
     )?;
-    let removed = conn
-        .prepare_cached("DELETE FROM history WHERE connection_id = ?1 AND revision < ?2 AND entry_key = ''")
-        .and_then(|mut s| s.execute(params![key, horizon]))
-        .map_err(classify)?;
+    exec(
+        conn,
+        "DELETE FROM history WHERE connection_id = ?1 AND revision < ?2 AND entry_key = ''",
+        params![key, horizon],
+    )?;
+    // A change row kept for its blob no longer stands for its revision.
+    exec(
+        conn,
+        "UPDATE history SET created_at_ms = NULL, state_type = NULL, actor = NULL, reason = NULL \
+         WHERE connection_id = ?1 AND revision < ?2 AND created_at_ms IS NOT NULL",
+        params![key, horizon],
+    )?;
     Ok(Pruned { removed: removed as u64, more })
 }

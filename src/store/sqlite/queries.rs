@@ -7,7 +7,7 @@ use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension, MAIN_DB};
 
 use super::classify;
-use crate::state::ops::{check_guard, plan, Context, Lease, Needs, PastState, Refusal, WriteRequest};
+use crate::state::ops::{check_guard, plan, Context, Lease, Meta, Needs, PastState, Refusal, WriteRequest};
 use crate::state::{advance, changes, Blob, Change, ConnectionId, Entries, EntryKey, EntryOp, StateType, StoredState};
 use crate::store::cache::{Cached, GroupStates, Header, StateCache, StoredEntries, Update, Version};
 use crate::store::{Applied, StoreError};
@@ -159,7 +159,7 @@ pub fn apply(
     let mut next_seq = before.next_seq;
     let mut effects = Vec::with_capacity(changed.len());
     for (change, key) in changed.iter().zip(keys) {
-        let seq = record_change(conn, id, revision, change, &mut next_seq)?;
+        let seq = set_head(conn, id, revision, change, &mut next_seq)?;
         effects.push((key, change.blob.cloned().zip(seq)));
     }
     let next = base.map(|base| advance(&base.state, &base.positions, &effects, revision, plan.state_type));
@@ -173,7 +173,14 @@ pub fn apply(
     let state_type = plan.state_type.filter(|_| remaining);
     let new_type = state_type.map(StateType::as_str);
     exec(conn, SET_HEADER, params![key, new_type, revision as i64, next_seq])?;
-    exec(conn, ADD_REVISION, params![key, revision as i64, now_ms, new_type, request.meta.actor, request.meta.reason])?;
+    // The revision's own columns go on its first change row
+    // (migrations/sqlite/0007): no row of its own to insert.
+    let revision_row = RevisionRow { created_at_ms: now_ms, state_type: new_type, meta: &request.meta };
+    for (i, (change, (_, effect))) in changed.iter().zip(&effects).enumerate() {
+        let blob = change.blob.map(Blob::as_str);
+        let seq = effect.as_ref().map(|(_, seq)| *seq);
+        insert_change(conn, &key, revision as i64, change.key.as_str(), blob, seq, (i == 0).then_some(&revision_row))?;
+    }
     let after = Header { state_type, revision, next_seq, epoch: before.epoch };
     let (state, update) = if request.return_state {
         let next = match next {
@@ -209,11 +216,20 @@ pub fn apply(
 pub const SET_HEADER: &str = "INSERT INTO heads (connection_id, entry_key, state_type, revision, next_seq, epoch) \
      VALUES (?1, '', ?2, ?3, ?4, 0) \
      ON CONFLICT (connection_id, entry_key) DO UPDATE SET state_type = ?2, revision = ?3, next_seq = ?4";
-/// A write's revision row: the row of `history` with the entry key ''
-/// (migrations/sqlite/0004), inserted after the revision's changes.
+/// A revision's own row, for a revision without changes (only an import
+/// makes one): the row of `history` with the entry key ''
+/// (migrations/sqlite/0004, 0007).
 pub const ADD_REVISION: &str =
     "INSERT INTO history (connection_id, revision, entry_key, created_at_ms, state_type, actor, reason) \
      VALUES (?1, ?2, '', ?3, ?4, ?5, ?6)";
+
+/// A revision's own columns, stored on one of its rows of `history`.
+pub struct RevisionRow<'a> {
+    pub created_at_ms: i64,
+    /// The state's type after the write.
+    pub state_type: Option<&'a str>,
+    pub meta: &'a Meta,
+}
 
 /// The stored blob and position of each key the ops touch.
 fn stored_entries(conn: &Connection, id: ConnectionId, ops: &[EntryOp]) -> Result<StoredEntries, StoreError> {
@@ -241,7 +257,10 @@ fn stored_entries(conn: &Connection, id: ConnectionId, ops: &[EntryOp]) -> Resul
     Ok(stored)
 }
 
-fn record_change(
+/// Sets the current entry a change makes (or removes it); returns the
+/// entry's position, `None` when removed. The change's `history` row is
+/// inserted by the caller.
+fn set_head(
     conn: &Connection,
     id: ConnectionId,
     revision: u64,
@@ -250,16 +269,14 @@ fn record_change(
 ) -> Result<Option<i64>, StoreError> {
     let id = &id.to_bytes();
     let (key, revision) = (change.key.as_str(), revision as i64);
-    let Some(blob) = change.blob else {
-        insert_change(conn, id, revision, key, None, None)?;
+    if change.blob.is_none() {
         exec(conn, "DELETE FROM heads WHERE connection_id = ?1 AND entry_key = ?2", params![id, key])?;
         return Ok(None);
-    };
+    }
     let seq = change.seq.unwrap_or_else(|| {
         *next_seq += 1;
         *next_seq - 1
     });
-    insert_change(conn, id, revision, key, Some(blob.as_str()), Some(seq))?;
     let sql = if change.existed {
         "UPDATE heads SET revision = ?3, seq = ?4 WHERE connection_id = ?1 AND entry_key = ?2"
     } else {
@@ -275,9 +292,10 @@ fn record_change(
 /// legacy state peaked at 305 MiB of heap (massif, bench/profile blob).
 const IN_PLACE_BLOB_BYTES: usize = 1 << 20;
 
-/// Inserts one change row into `history`. Small blobs are stored as TEXT; large ones are
-/// written in place and so stored as BLOB holding the same UTF-8 (read
-/// back through [`StoredText`]).
+/// Inserts one change row into `history`, with the revision's own columns
+/// when given. Small blobs are stored as TEXT; large ones are written in
+/// place and so stored as BLOB holding the same UTF-8 (read back through
+/// [`StoredText`]).
 pub fn insert_change(
     conn: &Connection,
     id: &[u8; 16],
@@ -285,18 +303,26 @@ pub fn insert_change(
     key: &str,
     blob: Option<&str>,
     seq: Option<i64>,
+    revision_row: Option<&RevisionRow<'_>>,
 ) -> Result<(), StoreError> {
-    let Some(text) = blob.filter(|text| text.len() >= IN_PLACE_BLOB_BYTES) else {
+    let large = blob.filter(|text| text.len() >= IN_PLACE_BLOB_BYTES);
+    let (created_at_ms, state_type, actor, reason) = match revision_row {
+        Some(row) => (Some(row.created_at_ms), row.state_type, row.meta.actor.as_deref(), row.meta.reason.as_deref()),
+        None => (None, None, None, None),
+    };
+    let Some(text) = large else {
         return exec(
             conn,
-            "INSERT INTO history (connection_id, revision, entry_key, blob, seq) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![id, revision, key, blob, seq],
+            "INSERT INTO history (connection_id, revision, entry_key, blob, seq, created_at_ms, state_type, actor, reason) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![id, revision, key, blob, seq, created_at_ms, state_type, actor, reason],
         );
     };
     exec(
         conn,
-        "INSERT INTO history (connection_id, revision, entry_key, blob, seq) VALUES (?1, ?2, ?3, zeroblob(?4), ?5)",
-        params![id, revision, key, text.len() as i64, seq],
+        "INSERT INTO history (connection_id, revision, entry_key, blob, seq, created_at_ms, state_type, actor, reason) \
+         VALUES (?1, ?2, ?3, zeroblob(?4), ?5, ?6, ?7, ?8, ?9)",
+        params![id, revision, key, text.len() as i64, seq, created_at_ms, state_type, actor, reason],
     )?;
     let mut handle = conn.blob_open(MAIN_DB, "history", "blob", conn.last_insert_rowid(), false).map_err(classify)?;
     handle.write_all_at(text.as_bytes(), 0).map_err(classify)
@@ -382,4 +408,53 @@ pub fn decode_key(text: &str, id: impl std::fmt::Display) -> Result<EntryKey, St
 fn parse_type(text: Option<String>, id: ConnectionId) -> Result<Option<StateType>, StoreError> {
     text.map(|t| StateType::parse(&t).ok_or_else(|| StoreError::Internal(format!("unknown state type {t:?} for {id}"))))
         .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::state::ops::{Guard, Meta, Operation, WriteRequest};
+    use crate::state::{Blob, ConnectionId, EntryKey, EntryOp, StateType, StateWrite, StreamDescriptor};
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::Store;
+
+    fn request(operation: Operation, actor: Option<&str>, reason: Option<&str>) -> WriteRequest {
+        let meta = Meta { actor: actor.map(str::to_owned), reason: reason.map(str::to_owned) };
+        WriteRequest { operation, guard: Guard::default(), meta, return_state: false }
+    }
+
+    fn set(name: &str) -> EntryOp {
+        let key = EntryKey::stream(StreamDescriptor { name: name.to_owned(), namespace: None });
+        EntryOp { key, blob: Some(Blob::from_json(r#"{"cursor":1}"#)) }
+    }
+
+    #[tokio::test]
+    async fn a_revision_is_stored_on_its_first_change_row_without_a_row_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hw.db");
+        let store = SqliteStore::open(&path, true, 1 << 20, true).unwrap();
+        let id = ConnectionId::random();
+        let write = StateWrite { state_type: StateType::Stream, ops: vec![set("a"), set("b")] };
+        store.apply(id, request(Operation::Merge(write), Some("orchestrator"), None)).await.unwrap();
+        let reset = Operation::Reset { streams: None, include_shared: true };
+        store.apply(id, request(reset, None, Some("bad cursor"))).await.unwrap();
+
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let rows = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        // Two changes per revision, each a row; the revision adds none.
+        assert_eq!(rows("SELECT count(*) FROM history"), 4);
+        assert_eq!(rows("SELECT count(*) FROM history WHERE entry_key = ''"), 0);
+        assert_eq!(rows("SELECT count(*) FROM history WHERE created_at_ms IS NOT NULL"), 2);
+
+        let history = store.history(id, 10, None).await.unwrap();
+        let seen: Vec<_> = history
+            .revisions
+            .iter()
+            .map(|r| (r.revision, r.state_type, r.actor.as_deref(), r.reason.as_deref(), r.changes.len()))
+            .collect();
+        assert_eq!(
+            seen,
+            [(2, None, None, Some("bad cursor"), 2), (1, Some(StateType::Stream), Some("orchestrator"), None, 2)]
+        );
+        assert_eq!(history.oldest, Some(1));
+    }
 }

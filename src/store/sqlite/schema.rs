@@ -16,6 +16,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0004_revisions_beside_changes.sql"),
     include_str!("../../../migrations/sqlite/0005_binary_connection_ids.sql"),
     include_str!("../../../migrations/sqlite/0006_heads.sql"),
+    include_str!("../../../migrations/sqlite/0007_revisions_on_changes.sql"),
 ];
 
 /// Why a database file cannot be used. Shown at start-up, so it names the
