@@ -8,9 +8,12 @@
 -- neighbours every few writes to it, writing three or four pages to the
 -- WAL instead of one. Now a write's date, type, actor and reason are
 -- columns of the first change row it inserts, as on PostgreSQL (its
--- migration 0004). A revision with no change row (only an import makes
--- one) keeps a row of its own under ''. Rows written before keep theirs:
--- either way one row per revision carries its date.
+-- migration 0004). A revision with no change row to carry them keeps a
+-- row of its own under '': one without changes (only an import makes
+-- one), or one whose changes are all blobs written in place (queries.rs,
+-- `in_place`: SQLite builds a zeroblob in memory unless it ends its row).
+-- Rows written before keep theirs: either way one row per revision
+-- carries its date.
 --
 -- A change row of an old revision that pruning keeps (it still holds a
 -- current entry's blob) loses the revision's columns with the revision.

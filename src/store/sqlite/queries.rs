@@ -173,13 +173,20 @@ pub fn apply(
     let state_type = plan.state_type.filter(|_| remaining);
     let new_type = state_type.map(StateType::as_str);
     exec(conn, SET_HEADER, params![key, new_type, revision as i64, next_seq])?;
-    // The revision's own columns go on its first change row
-    // (migrations/sqlite/0007): no row of its own to insert.
+    // The revision's own columns go on its first change row that is not
+    // written in place (migrations/sqlite/0007): no row of its own to
+    // insert, unless every change is such a blob.
     let revision_row = RevisionRow { created_at_ms: now_ms, state_type: new_type, meta: &request.meta };
+    let carrier = changed.iter().position(|change| !in_place(change.blob.map(Blob::as_str)));
     for (i, (change, (_, effect))) in changed.iter().zip(&effects).enumerate() {
         let blob = change.blob.map(Blob::as_str);
         let seq = effect.as_ref().map(|(_, seq)| *seq);
-        insert_change(conn, &key, revision as i64, change.key.as_str(), blob, seq, (i == 0).then_some(&revision_row))?;
+        let carried = (carrier == Some(i)).then_some(&revision_row);
+        insert_change(conn, &key, revision as i64, change.key.as_str(), blob, seq, carried)?;
+    }
+    if carrier.is_none() {
+        let RevisionRow { created_at_ms, state_type, meta } = revision_row;
+        exec(conn, ADD_REVISION, params![key, revision as i64, created_at_ms, state_type, meta.actor, meta.reason])?;
     }
     let after = Header { state_type, revision, next_seq, epoch: before.epoch };
     let (state, update) = if request.return_state {
@@ -216,8 +223,9 @@ pub fn apply(
 pub const SET_HEADER: &str = "INSERT INTO heads (connection_id, entry_key, state_type, revision, next_seq, epoch) \
      VALUES (?1, '', ?2, ?3, ?4, 0) \
      ON CONFLICT (connection_id, entry_key) DO UPDATE SET state_type = ?2, revision = ?3, next_seq = ?4";
-/// A revision's own row, for a revision without changes (only an import
-/// makes one): the row of `history` with the entry key ''
+/// A revision's own row, for a revision without a change row to carry its
+/// columns (an imported one without changes, or one whose changes are all
+/// written in place): the row of `history` with the entry key ''
 /// (migrations/sqlite/0004, 0007).
 pub const ADD_REVISION: &str =
     "INSERT INTO history (connection_id, revision, entry_key, created_at_ms, state_type, actor, reason) \
@@ -292,10 +300,18 @@ fn set_head(
 /// legacy state peaked at 305 MiB of heap (massif, bench/profile blob).
 const IN_PLACE_BLOB_BYTES: usize = 1 << 20;
 
+/// Whether a blob is written in place. Its row then carries no revision:
+/// SQLite leaves the zeroblob unmade only when it ends the record, and
+/// columns after it would make SQLite build all of it in memory (a 100 MiB
+/// blob's write peaked at 314 MiB instead of 213).
+fn in_place(blob: Option<&str>) -> bool {
+    blob.is_some_and(|text| text.len() >= IN_PLACE_BLOB_BYTES)
+}
+
 /// Inserts one change row into `history`, with the revision's own columns
-/// when given. Small blobs are stored as TEXT; large ones are written in
-/// place and so stored as BLOB holding the same UTF-8 (read back through
-/// [`StoredText`]).
+/// when given (not for a blob written in place, see [`in_place`]). Small
+/// blobs are stored as TEXT; large ones are written in place and so stored
+/// as BLOB holding the same UTF-8 (read back through [`StoredText`]).
 pub fn insert_change(
     conn: &Connection,
     id: &[u8; 16],
@@ -305,12 +321,11 @@ pub fn insert_change(
     seq: Option<i64>,
     revision_row: Option<&RevisionRow<'_>>,
 ) -> Result<(), StoreError> {
-    let large = blob.filter(|text| text.len() >= IN_PLACE_BLOB_BYTES);
     let (created_at_ms, state_type, actor, reason) = match revision_row {
         Some(row) => (Some(row.created_at_ms), row.state_type, row.meta.actor.as_deref(), row.meta.reason.as_deref()),
         None => (None, None, None, None),
     };
-    let Some(text) = large else {
+    let Some(text) = blob.filter(|_| in_place(blob)) else {
         return exec(
             conn,
             "INSERT INTO history (connection_id, revision, entry_key, blob, seq, created_at_ms, state_type, actor, reason) \
@@ -318,11 +333,13 @@ pub fn insert_change(
             params![id, revision, key, blob, seq, created_at_ms, state_type, actor, reason],
         );
     };
+    if revision_row.is_some() {
+        return Err(StoreError::Internal("a blob written in place cannot carry its revision".to_owned()));
+    }
     exec(
         conn,
-        "INSERT INTO history (connection_id, revision, entry_key, blob, seq, created_at_ms, state_type, actor, reason) \
-         VALUES (?1, ?2, ?3, zeroblob(?4), ?5, ?6, ?7, ?8, ?9)",
-        params![id, revision, key, text.len() as i64, seq, created_at_ms, state_type, actor, reason],
+        "INSERT INTO history (connection_id, revision, entry_key, blob, seq) VALUES (?1, ?2, ?3, zeroblob(?4), ?5)",
+        params![id, revision, key, text.len() as i64, seq],
     )?;
     let mut handle = conn.blob_open(MAIN_DB, "history", "blob", conn.last_insert_rowid(), false).map_err(classify)?;
     handle.write_all_at(text.as_bytes(), 0).map_err(classify)
@@ -456,5 +473,28 @@ mod tests {
             [(2, None, None, Some("bad cursor"), 2), (1, Some(StateType::Stream), Some("orchestrator"), None, 2)]
         );
         assert_eq!(history.oldest, Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_revision_whose_changes_are_all_written_in_place_has_a_row_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hw.db");
+        let store = SqliteStore::open(&path, true, 1 << 20, true).unwrap();
+        let id = ConnectionId::random();
+        let large = format!("\"{}\"", "x".repeat(super::IN_PLACE_BLOB_BYTES));
+        let op = EntryOp { key: EntryKey::Legacy, blob: Some(Blob::from_json(&large)) };
+        let write = StateWrite { state_type: StateType::Legacy, ops: vec![op] };
+        store.apply(id, request(Operation::Merge(write), Some("orchestrator"), None)).await.unwrap();
+
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let rows = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        // The blob's row ends with it, so SQLite need not build it in memory.
+        assert_eq!(rows("SELECT count(*) FROM history WHERE entry_key <> '' AND created_at_ms IS NULL"), 1);
+        assert_eq!(rows("SELECT count(*) FROM history WHERE entry_key = ''"), 1);
+        let history = store.history(id, 10, None).await.unwrap();
+        let seen: Vec<_> =
+            history.revisions.iter().map(|r| (r.revision, r.actor.as_deref(), r.changes.len())).collect();
+        assert_eq!(seen, [(1, Some("orchestrator"), 1)]);
+        assert_eq!(store.read(id).await.unwrap().entries[0].1.as_str(), large);
     }
 }
