@@ -444,23 +444,32 @@ mod tests {
         EntryOp { key, blob: Some(Blob::from_json(r#"{"cursor":1}"#)) }
     }
 
-    #[tokio::test]
-    async fn a_revision_is_stored_on_its_first_change_row_without_a_row_of_its_own() {
+    /// A store on a file of its own, and a connection to read its rows.
+    fn store() -> (tempfile::TempDir, SqliteStore, rusqlite::Connection) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hw.db");
         let store = SqliteStore::open(&path, true, 1 << 20, true).unwrap();
+        let rows = rusqlite::Connection::open(&path).unwrap();
+        (dir, store, rows)
+    }
+
+    fn count(conn: &rusqlite::Connection, sql: &str) -> i64 {
+        conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_revision_is_stored_on_its_first_change_row_without_a_row_of_its_own() {
+        let (_dir, store, conn) = store();
         let id = ConnectionId::random();
         let write = StateWrite { state_type: StateType::Stream, ops: vec![set("a"), set("b")] };
         store.apply(id, request(Operation::Merge(write), Some("orchestrator"), None)).await.unwrap();
         let reset = Operation::Reset { streams: None, include_shared: true };
         store.apply(id, request(reset, None, Some("bad cursor"))).await.unwrap();
 
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        let rows = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
         // Two changes per revision, each a row; the revision adds none.
-        assert_eq!(rows("SELECT count(*) FROM history"), 4);
-        assert_eq!(rows("SELECT count(*) FROM history WHERE entry_key = ''"), 0);
-        assert_eq!(rows("SELECT count(*) FROM history WHERE created_at_ms IS NOT NULL"), 2);
+        assert_eq!(count(&conn, "SELECT count(*) FROM history"), 4);
+        assert_eq!(count(&conn, "SELECT count(*) FROM history WHERE entry_key = ''"), 0);
+        assert_eq!(count(&conn, "SELECT count(*) FROM history WHERE created_at_ms IS NOT NULL"), 2);
 
         let history = store.history(id, 10, None).await.unwrap();
         let seen: Vec<_> = history
@@ -477,20 +486,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_revision_whose_changes_are_all_written_in_place_has_a_row_of_its_own() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hw.db");
-        let store = SqliteStore::open(&path, true, 1 << 20, true).unwrap();
+        let (_dir, store, conn) = store();
         let id = ConnectionId::random();
         let large = format!("\"{}\"", "x".repeat(super::IN_PLACE_BLOB_BYTES));
         let op = EntryOp { key: EntryKey::Legacy, blob: Some(Blob::from_json(&large)) };
         let write = StateWrite { state_type: StateType::Legacy, ops: vec![op] };
         store.apply(id, request(Operation::Merge(write), Some("orchestrator"), None)).await.unwrap();
 
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        let rows = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
         // The blob's row ends with it, so SQLite need not build it in memory.
-        assert_eq!(rows("SELECT count(*) FROM history WHERE entry_key <> '' AND created_at_ms IS NULL"), 1);
-        assert_eq!(rows("SELECT count(*) FROM history WHERE entry_key = ''"), 1);
+        assert_eq!(count(&conn, "SELECT count(*) FROM history WHERE entry_key <> '' AND created_at_ms IS NULL"), 1);
+        assert_eq!(count(&conn, "SELECT count(*) FROM history WHERE entry_key = ''"), 1);
         let history = store.history(id, 10, None).await.unwrap();
         let seen: Vec<_> =
             history.revisions.iter().map(|r| (r.revision, r.actor.as_deref(), r.changes.len())).collect();
