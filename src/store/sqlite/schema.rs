@@ -253,6 +253,21 @@ mod tests {
     }
 
     #[test]
+    fn a_file_another_process_serves_is_not_migrated() {
+        let (_dir, path, conn) = file_at_schema(5);
+        drop(conn);
+        // flock conflicts between two opens of the file in one process too.
+        let other = lock(&path).unwrap();
+        let opened = crate::store::sqlite::SqliteStore::open(&path, true, 1 << 20, true);
+        assert!(matches!(opened, Err(OpenError::InUse { .. })), "{:?}", opened.err());
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, 5, "the file was migrated under the process serving it");
+        drop(other);
+        assert!(crate::store::sqlite::SqliteStore::open(&path, true, 1 << 20, true).is_ok());
+    }
+
+    #[test]
     fn a_file_at_schema_1_is_upgraded_in_place() {
         let (_dir, path, conn) = file_at_schema(1);
         drop(conn);
