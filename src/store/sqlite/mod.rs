@@ -137,13 +137,10 @@ impl SqliteStore {
         // never migrated under another process serving it; a new one once
         // created (a process creating it beside this one migrates it too,
         // in a transaction of its own, and one of the two is refused here).
-        let early = if exclusive && path.exists() { Some(schema::lock(path)?) } else { None };
+        let locked_first = exclusive && path.exists();
+        let early = if locked_first { schema::lock(path)? } else { None };
         let writer = schema::open_writer(path, migrate)?;
-        let lock = match early {
-            Some(lock) => lock,
-            None if exclusive => schema::lock(path)?,
-            None => None,
-        };
+        let lock = if exclusive && !locked_first { schema::lock(path)? } else { early };
         let setup = |source| OpenError::Setup { path: path.display().to_string(), source };
         writer.pragma_update(None, "cache_size", -WRITER_CACHE_KIB).map_err(setup)?;
         writer.pragma_update(None, "wal_autocheckpoint", checkpoint::WRITER_BACKSTOP_PAGES).map_err(setup)?;
